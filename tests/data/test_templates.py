@@ -1,0 +1,90 @@
+"""Prompt templates render XTuner's exact strings; the hf template follows the tokenizer's chat template;
+only assistant replies (and their end-of-turn token) are trained on."""
+
+import pytest
+
+from tunelab.data.encode import encode_samples, shifted_labels
+from tunelab.data.formats import Conversation, Message
+from tunelab.data.templates import TEMPLATES, get_template
+from tunelab.errors import DataError
+
+CONV = Conversation([Message("system", "S"), Message("user", "q1"), Message("assistant", "a1"),
+                     Message("user", "q2"), Message("assistant", "a2")])
+
+
+def test_internlm2_chat_renders_xtuner_strings(tiny_tokenizer):
+    segs = get_template("internlm2_chat", tiny_tokenizer).render(CONV)
+    assert segs == [
+        ("<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n", False),
+        ("a1<|im_end|>", True), ("\n", False),
+        ("<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n", False),
+        ("a2<|im_end|>", True), ("\n", False)]
+
+
+def test_default_template_adds_bos_and_eos_per_turn(tiny_tokenizer):
+    segs = get_template("default", tiny_tokenizer).render(CONV)
+    assert segs == [("<s><|System|>:S\n<|User|>:q1\n<|Bot|>:", False), ("a1", True), ("<|im_end|>", True),
+                    ("\n", False), ("<s><|User|>:q2\n<|Bot|>:", False), ("a2", True), ("<|im_end|>", True),
+                    ("\n", False)]
+
+
+def test_llama3_and_chatglm2_round_numbers(tiny_tokenizer):
+    segs = get_template("llama3_chat", tiny_tokenizer).render(CONV)
+    assert segs[0][0] == ("<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+                          "<|start_header_id|>user<|end_header_id|>\n\nq1<|eot_id|>"
+                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert segs[1] == ("a1<|eot_id|>", True)
+    segs = get_template("chatglm2", tiny_tokenizer).render(CONV)
+    assert "[Round 2]\n\n问：q2\n\n答：" in segs[4][0]
+
+
+def test_generation_prompt_matches_training_prefix(tiny_tokenizer):
+    for name in ("internlm2_chat", "qwen_chat", "hf"):
+        t = get_template(name, tiny_tokenizer)
+        prompt = Conversation(CONV.messages[:4])
+        gen = "".join(s for s, _ in t.render(prompt, add_generation_prompt=True))
+        train = "".join(s for s, _ in t.render(CONV))
+        assert train.startswith(gen), name
+        assert train[len(gen):].startswith("a2")
+
+
+def test_hf_template_segments_follow_the_chat_template(tiny_tokenizer):
+    segs = get_template("hf", tiny_tokenizer).render(CONV)
+    text = "".join(s for s, _ in segs)
+    assert text == tiny_tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in CONV.messages], tokenize=False)
+    assert [s for s, loss in segs if loss] == ["a1<|im_end|>", "a2<|im_end|>"]
+    assert ("\n", False) in segs  # the newline after <|im_end|> is not trained on
+
+
+def test_only_assistant_tokens_are_targets(tiny_tokenizer):
+    for name in ("internlm2_chat", "hf", "default"):
+        t = get_template(name, tiny_tokenizer)
+        conv = Conversation(CONV.messages[1:])
+        enc = encode_samples([conv], [t.render(conv)], tiny_tokenizer)[0]
+        trained = tiny_tokenizer.decode(enc.input_ids[enc.loss_mask].tolist())
+        assert trained == "a1<|im_end|>a2<|im_end|>", name
+        labels = shifted_labels(enc)
+        # labels[t] is the next token when it is a target, else -100
+        for i in range(len(labels) - 1):
+            assert labels[i] == (enc.input_ids[i + 1] if enc.loss_mask[i + 1] else -100)
+        assert labels[-1] == -100
+
+
+def test_message_with_loss_false_is_not_trained(tiny_tokenizer):
+    conv = Conversation([Message("user", "q1"), Message("assistant", "a1", loss=False), Message("user", "q2"),
+                         Message("assistant", "a2")])
+    t = get_template("internlm2_chat", tiny_tokenizer)
+    enc = encode_samples([conv], [t.render(conv)], tiny_tokenizer)[0]
+    assert tiny_tokenizer.decode(enc.input_ids[enc.loss_mask].tolist()) == "a2<|im_end|>"
+
+
+def test_unknown_template_suggests_the_closest(tiny_tokenizer):
+    with pytest.raises(DataError, match="unknown prompt template 'internlm2_caht'; did you mean 'internlm2_chat'"):
+        get_template("internlm2_caht", tiny_tokenizer)
+
+
+def test_all_xtuner_template_names_exist():
+    for name in ("internlm2_chat", "internlm_chat", "qwen_chat", "llama3_chat", "llama2_chat", "mistral", "zephyr",
+                 "chatglm3", "baichuan2_chat", "default"):
+        assert name in TEMPLATES

@@ -1,0 +1,88 @@
+"""Checkpoint -> PEFT adapter that peft loads unchanged; merge -> plain model with the same outputs; wrong
+base model and existing output folders are refused without touching anything."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model, chat_records, tiny_config, write_jsonl
+from tunelab.config.load import load_config
+from tunelab.errors import ModelError, OutputExistsError
+from tunelab.export.merge import merge_adapter
+from tunelab.export.to_hf import checkpoint_to_hf
+from tunelab.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("export")
+    data = write_jsonl(tmp / "data.jsonl", chat_records(8))
+    cfg = load_config(tiny_config(tmp, tiny_model_dir, data), ["train.max_steps=3", "train.lr=5e-2"])
+    res = train(cfg, "tiny", work_dir=tmp / "work")
+    return tmp, cfg, res
+
+
+def test_to_hf_writes_a_peft_adapter_that_peft_loads(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, cfg, res = trained
+    out = checkpoint_to_hf(cfg, str(res.checkpoint) + ".pth", tmp / "adapter")  # XTuner's iter_N.pth name works
+    names = sorted(p.name for p in out.iterdir())
+    assert "adapter_model.safetensors" in names and "adapter_config.json" in names
+    assert "tokenizer.json" in names and "README.md" in names
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template  # the chat template travels with it
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_merged_model_gives_the_same_logits_as_base_plus_adapter(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tmp, cfg, res = trained
+    adapter = tmp / "adapter2"
+    checkpoint_to_hf(cfg, tmp / "work", adapter)  # the work dir means its last checkpoint
+    merged = merge_adapter(str(tiny_model_dir), adapter, tmp / "merged", max_shard_size="100KB")
+    shards = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert len(shards) > 1 and (merged / "model.safetensors.index.json").exists()  # sharded
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
+        ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
+        ref = ref_model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(ids).logits
+    torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, base, atol=1e-3)  # the adapter changed something
+
+
+def test_merge_into_another_base_model_is_a_clear_error(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    tmp, cfg, res = trained
+    adapter = tmp / "adapter3"
+    checkpoint_to_hf(cfg, res.checkpoint, adapter)
+    other = tmp_path / "other_base"
+    from tests.conftest import build_tiny_tokenizer
+    tok = build_tiny_tokenizer(other)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, vocab_size=len(tok))).save_pretrained(str(other))
+    out = tmp_path / "merged"
+    with pytest.raises(ModelError, match=r"does not fit base model .*size mismatch"):
+        merge_adapter(str(other), adapter, out)
+    assert not out.exists() and not list(tmp_path.glob(".merged.tmp*"))  # nothing half-written
+
+
+def test_existing_non_empty_output_is_refused_and_kept(trained):
+    tmp, cfg, res = trained
+    out = tmp / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="already exists and is not empty"):
+        checkpoint_to_hf(cfg, res.checkpoint, out)
+    assert (out / "precious.txt").read_text() == "keep me"

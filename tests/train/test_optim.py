@@ -1,0 +1,34 @@
+"""The schedule: warmup of max(1, ratio x steps), cosine after it, never lr 0 on a tiny run."""
+
+import math
+
+import pytest
+
+from tunelab.config.schema import TrainSettings
+from tunelab.train.optim import lr_at, warmup_steps
+
+
+def test_warmup_then_cosine():
+    t = TrainSettings(lr=1.0, warmup_ratio=0.1)
+    lrs = [lr_at(s, 100, t) for s in range(100)]
+    assert warmup_steps(100, 0.1) == 10
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decays monotonically
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lrs[-1] > 0
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 5])
+def test_tiny_runs_reach_the_peak_and_never_train_at_zero(total):
+    # The anchor's defect: on a small dataset the warmup (in iterations) outlasted the run and lr stayed ~0.
+    t = TrainSettings(lr=2e-4, warmup_ratio=0.03)
+    lrs = [lr_at(s, total, t) for s in range(total)]
+    assert max(lrs) == pytest.approx(2e-4)
+    assert min(lrs) > 2e-4 * 0.05
+
+
+def test_min_lr_ratio_is_the_floor():
+    t = TrainSettings(lr=1.0, warmup_ratio=0.0, min_lr_ratio=0.1)
+    assert lr_at(10_000, 10_000, t) == pytest.approx(0.1)
+    assert min(lr_at(s, 50, t) for s in range(50)) >= 0.1

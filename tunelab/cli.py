@@ -1,0 +1,482 @@
+"""Command line: argument parsing and dispatch only, one small function per command.
+
+Exit codes: 0 success; 1 an error the user can fix (one line, no traceback; --debug shows it); 2 bad usage;
+130/143 training stopped by Ctrl-C/SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from tunelab import __version__, ui
+from tunelab.errors import ConfigError, TunelabError
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Keep the terminal for tunelab's own lines; libraries' own progress bars and notices only with --debug."""
+    if debug:
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _load_config(name_or_path: str, overrides: list[str]):
+    """A config file, or the name of a built-in config."""
+    from tunelab.config.catalog import CATALOG, build_config
+    from tunelab.config.load import apply_override, load_config, resolve_paths, validate
+
+    if Path(name_or_path).is_file():
+        return load_config(name_or_path, overrides), Path(name_or_path).stem
+    if name_or_path in CATALOG:
+        raw = build_config(name_or_path)
+        for item in overrides:
+            apply_override(raw, item)
+        return resolve_paths(validate(raw, source=name_or_path), Path.cwd()), name_or_path
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(CATALOG), n=1)
+    hint = f"; did you mean the built-in config '{close[0]}'?" if close else " (tunelab list-cfg lists built-in ones)"
+    raise ConfigError(f"config file not found: {name_or_path}{hint}")
+
+
+def _generation_options(args: argparse.Namespace):
+    from tunelab.infer.generate import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                             stop_words=list(args.stop_words or []))
+
+
+def _add_generation_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
+    p.add_argument("--prompt-template", help="XTuner template name or 'hf' (default: the tokenizer's own)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized to 4 or 8 bits")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--stop-words", nargs="*", default=[], help="extra strings that end an answer")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"tunelab {__version__}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import platform
+
+    import bitsandbytes
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    from tunelab.cache import cache_root
+    from tunelab.model.zoo import default_model_dir
+
+    rows = {
+        "tunelab": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__, "datasets": datasets.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else "not available (CPU)",
+        "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+        "cpu threads": torch.get_num_threads(), "cache": str(cache_root()),
+        "default model": str(default_model_dir()) + ("" if (default_model_dir() / "config.json").exists()
+                                                     else " (converted on first use)"),
+    }
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_list_cfg(args: argparse.Namespace) -> int:
+    from tunelab.config.catalog import list_configs
+
+    names = list_configs(args.pattern)
+    if not names:
+        raise ConfigError(f"no built-in config matches '{args.pattern}'")
+    print("\n".join(names))
+    return 0
+
+
+def cmd_copy_cfg(args: argparse.Namespace) -> int:
+    from tunelab.config.catalog import CATALOG, build_config, copy_header, render_yaml
+
+    if args.name not in CATALOG:
+        import difflib
+
+        close = difflib.get_close_matches(args.name, list(CATALOG), n=1)
+        raise ConfigError(f"no built-in config '{args.name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    out_dir = Path(args.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{args.name}_copy.yaml"
+    if out.exists() and not args.overwrite:
+        raise TunelabError(f"{out} already exists; pass --overwrite to replace it")
+    out.write_text(render_yaml(build_config(args.name), copy_header(args.name)), encoding="utf-8")
+    print(f"copied {args.name} to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        overrides.insert(0, resume)  # `--resume key=value`: the override was taken for the checkpoint path
+        resume = True
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    cfg, name = _load_config(args.config, overrides)
+    if args.deepspeed:
+        ui.info(f"note: --deepspeed {args.deepspeed}: tunelab shards with torch.distributed; one process runs "
+                "unsharded (launch with torchrun for several GPUs)")
+    from tunelab.train.loop import train
+
+    train(cfg, name, work_dir=Path(args.work_dir) if args.work_dir else None, resume=resume or False,
+          resume_force=args.resume_force)
+    return 0
+
+
+def cmd_convert_to_hf(args: argparse.Namespace) -> int:
+    from tunelab.export.to_hf import checkpoint_to_hf
+
+    cfg, _ = _load_config(args.config, args.overrides)
+    checkpoint_to_hf(cfg, args.checkpoint, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_convert_merge(args: argparse.Namespace) -> int:
+    from tunelab.export.merge import merge_adapter
+
+    merge_adapter(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, device=args.device,
+                  trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.infer.chat import run_chat
+    from tunelab.infer.generate import load_chat_model
+
+    chat = load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
+                           trust_remote_code=args.trust_remote_code, device=args.device)
+    return run_chat(chat, _generation_options(args), system=args.system, stream=not args.no_streamer,
+                    as_json=args.json, keep_history=not args.no_history)
+
+
+def cmd_data_self_cognition(args: argparse.Namespace) -> int:
+    from tunelab.data.convert import write_records
+    from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_records, mix
+
+    records = identity_records(args.name, args.model_desc, n=args.n, seed=args.seed, system=args.system)
+    general: list[dict] = []
+    if args.general:
+        from tunelab.data.convert import read_as_records
+
+        general = read_as_records(args.general)
+    if args.replay_model:
+        from tunelab.demo import replay_answers
+
+        general += general_records(GENERAL_TRAIN, replay_answers(args.replay_model, GENERAL_TRAIN))
+    if general:
+        records = mix(records, general, args.general_ratio, seed=args.seed)
+    write_records(records, Path(args.out), args.format, overwrite=args.overwrite)
+    print(f"wrote {len(records)} records to {args.out}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from tunelab.data.dataset import prepare_data
+    from tunelab.model.load import load_tokenizer, resolve_model_path
+
+    cfg, _ = _load_config(args.config, args.overrides)
+    tok = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    prepared = prepare_data(cfg.data, tok, seed=cfg.train.seed)
+    s = prepared.stats
+    print(json.dumps({"rows": s.rows, "samples": s.samples, "tokens": s.tokens, "seconds": round(s.seconds, 3),
+                      "tokens_per_s": round(s.tokens / s.seconds) if s.seconds else None,
+                      "from_cache": prepared.from_cache, "cache": str(prepared.cache_dir)}))
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from tunelab.data.convert import convert_file
+
+    n = convert_file(Path(args.input), Path(args.output), args.from_format, args.to_format, overwrite=args.overwrite)
+    print(f"converted {n} records to {args.output}")
+    return 0
+
+
+def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
+    from tunelab.infer.generate import load_chat_model
+    from tunelab.infer.selfcog_eval import evaluate_self_cognition
+
+    chat = load_chat_model(args.model, adapter=args.adapter, template=args.prompt_template,
+                           trust_remote_code=args.trust_remote_code, device=args.device)
+    rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc)
+    if args.verbose:
+        for r in rep.identity + rep.general:
+            print(f"[{'ok' if r['ok'] else 'FAIL'}] {r['question']} -> {r['answer']}")
+    print(json.dumps({"identity_rate": rep.identity_rate, "general_rate": rep.general_rate,
+                      "identity_questions": len(rep.identity), "general_questions": len(rep.general)}))
+    return 0
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> int:
+    from tunelab.data.inspect import check_dataset
+    from tunelab.model.load import load_tokenizer, resolve_model_path
+
+    cfg, name = _load_config(args.config, args.overrides)
+    tok = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    hist = Path(args.hist) if args.hist else Path(f"{name}_lengths.png")
+    return check_dataset(cfg, tok, hist)
+
+
+def cmd_log_dataset(args: argparse.Namespace) -> int:
+    from tunelab.data.inspect import log_dataset
+    from tunelab.model.load import load_tokenizer, resolve_model_path
+
+    cfg, _ = _load_config(args.config, args.overrides)
+    tok = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    return log_dataset(cfg, tok, args.n)
+
+
+def _load_for_serving(args: argparse.Namespace):
+    from tunelab.infer.generate import load_chat_model
+
+    return load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
+                           trust_remote_code=args.trust_remote_code, device=args.device)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from tunelab.infer.web import serve_web
+
+    return serve_web(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
+                     defaults=_generation_options(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.infer.api import serve_api
+
+    return serve_api(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
+                     defaults=_generation_options(args), model_name=args.model_name)
+
+
+def cmd_export_app(args: argparse.Namespace) -> int:
+    from tunelab.infer.app import export_app
+
+    export_app(args.model, Path(args.out), adapter=args.adapter, template=args.prompt_template, system=args.system,
+               hub_id=args.hub_id, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.demo import run_demo
+
+    run_demo(args.name, Path(args.work_dir) if args.work_dir else None)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune LLMs with QLoRA, LoRA or full fine-tuning.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library messages")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("version", help="print the tunelab version")
+    s.set_defaults(func=cmd_version)
+    s = sub.add_parser("env", help="versions of tunelab and its stack, GPUs, cache folder")
+    s.set_defaults(func=cmd_env)
+
+    s = sub.add_parser("list-cfg", help="list built-in configs")
+    s.add_argument("-p", "--pattern", help="substring or glob to filter names")
+    s.set_defaults(func=cmd_list_cfg)
+    s = sub.add_parser("copy-cfg", help="copy a built-in config to DIR/NAME_copy.yaml")
+    s.add_argument("name")
+    s.add_argument("dir")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_copy_cfg)
+
+    s = sub.add_parser("train", help="fine-tune with a config")
+    s.add_argument("config", help="a YAML config file or a built-in config name")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (data.max_length=512)")
+    s.add_argument("--work-dir", help="run folder (default: work_dirs/<config name>)")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from CKPT, or from the work dir's last checkpoint")
+    s.add_argument("--resume-force", action="store_true", help="resume even if the config changed")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--deepspeed", help="accepted for XTuner compatibility (zero1/zero2/zero3)")
+    s.set_defaults(func=cmd_train)
+
+    conv = sub.add_parser("convert", help="convert checkpoints (to-hf / pth_to_hf) and merge adapters")
+    csub = conv.add_subparsers(dest="convert_command", metavar="WHAT")
+    csub.required = True
+    for alias in ("to-hf", "pth_to_hf"):
+        s = csub.add_parser(alias, help="checkpoint -> Hugging Face adapter or model folder")
+        s.add_argument("config")
+        s.add_argument("checkpoint", help="iter_N folder (iter_N.pth accepted) or the run's work dir")
+        s.add_argument("out")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.add_argument("--overwrite", action="store_true")
+        s.set_defaults(func=cmd_convert_to_hf)
+    s = csub.add_parser("merge", help="merge a PEFT adapter into its base model")
+    s.add_argument("base")
+    s.add_argument("adapter")
+    s.add_argument("out")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_convert_merge)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    s.add_argument("model", help="model folder, hub id or smollm2-135m-instruct")
+    _add_generation_args(s)
+    s.add_argument("--no-streamer", action="store_true", help="print whole answers instead of streaming")
+    s.add_argument("--json", action="store_true", help="print each answer as a JSON line")
+    s.add_argument("--no-history", action="store_true", help="answer every question on its own")
+    s.set_defaults(func=cmd_chat)
+
+    data = sub.add_parser("data", help="make, convert and prepare datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="WHAT")
+    dsub.required = True
+    s = dsub.add_parser("self-cognition", help="generate identity Q&A for a new owner")
+    s.add_argument("--name", required=True, help="the owner's name")
+    s.add_argument("--model-desc", help="what the model is (goes into every answer)")
+    s.add_argument("--system", help="system prompt to put in every record")
+    s.add_argument("--n", type=int, help="number of identity records (default: two per phrasing)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--general", help="a dataset file whose records are mixed in")
+    s.add_argument("--replay-model", help="mix in this model's own answers to built-in general questions")
+    s.add_argument("--general-ratio", type=float, default=0.3, help="share of general records in the output")
+    s.add_argument("--format", choices=["openai", "conversation"], default="openai")
+    s.add_argument("--out", required=True, help=".jsonl or .json file")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_data_self_cognition)
+    s = dsub.add_parser("prepare", help="tokenise, pack and cache a config's data ahead of training")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_data_prepare)
+    s = dsub.add_parser("convert", help="convert a dataset file between formats")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--from", dest="from_format", default="auto",
+                   choices=["auto", "alpaca", "sharegpt", "openai", "conversation", "oasst1", "pretrain"])
+    s.add_argument("--to", dest="to_format", default="openai", choices=["openai", "conversation", "pretrain"])
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_data_convert)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
+    esub.required = True
+    s = esub.add_parser("self-cognition", help="identity and general-question rates on held-out questions")
+    s.add_argument("model")
+    s.add_argument("--adapter")
+    s.add_argument("--name", required=True)
+    s.add_argument("--model-desc", help="the description used in the training data (default: tunelab's)")
+    s.add_argument("--system")
+    s.add_argument("--prompt-template")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("-v", "--verbose", action="store_true", help="print every question and answer")
+    s.set_defaults(func=cmd_eval_self_cognition)
+
+    for alias in ("check-dataset", "check-custom-dataset"):
+        s = sub.add_parser(alias, help="read every record, report bad ones, count tokens, plot sample lengths")
+        s.add_argument("config")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.add_argument("--hist", help="where to save the length histogram PNG (default: <config>_lengths.png)")
+        s.set_defaults(func=cmd_check_dataset)
+    s = sub.add_parser("log-dataset", help="print rendered samples with the no-loss spans marked")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("-n", type=int, default=3, help="how many samples")
+    s.set_defaults(func=cmd_log_dataset)
+
+    for name, port, help_text in (("web", 7860, "a web chat page (Gradio)"),
+                                  ("serve", 8000, "an OpenAI-compatible HTTP API")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("model")
+        _add_generation_args(s)
+        s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+        s.add_argument("--port", type=int, default=port)
+        if name == "serve":
+            s.add_argument("--model-name", help="the model id reported by /v1/models (default: folder name)")
+        s.set_defaults(func=cmd_web if name == "web" else cmd_serve)
+    s = sub.add_parser("export-app", help="write a folder deployable as a Gradio app (e.g. a hub Space)")
+    s.add_argument("model")
+    s.add_argument("out")
+    s.add_argument("--adapter")
+    s.add_argument("--prompt-template")
+    s.add_argument("--system")
+    s.add_argument("--hub-id", help="reference the model by this hub id instead of copying its files")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export_app)
+
+    s = sub.add_parser("demo", help="fine-tune the default model to a new identity on CPU, then chat with it")
+    s.add_argument("--name", default="tunelab", help="the new owner's name")
+    s.add_argument("--work-dir")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries(args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except TunelabError as e:
+        if args.debug:
+            traceback.print_exc()
+        ui.error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception:
+        traceback.print_exc()
+        ui.error("unexpected failure (the traceback above says where); please report it")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

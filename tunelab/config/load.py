@@ -1,0 +1,207 @@
+"""Read a YAML config, apply KEY=VALUE overrides, validate it, and explain what is wrong in one line.
+
+YAML is parsed with `yaml.safe_load` (nothing in a config is executed). Relative paths are resolved against
+the config file's folder; nothing is expanded from environment variables.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunelab.config.schema import Config
+from tunelab.errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".arrow")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override, validate and resolve a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = _read_text(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, runtime)")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = validate(raw, source=str(path), yaml_text=text)
+    return resolve_paths(cfg, path.parent)
+
+
+def validate(raw: dict, source: str = "config", yaml_text: str | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(explain(e, raw, source, yaml_text)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not KEY=VALUE (for example data.max_length=512)")
+    key, value = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{item}': empty key part in '{key}'")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set a dotted key (data.max_length=512) in the raw config, creating sections as needed."""
+    keys, value = parse_override(item)
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def explain(err: ValidationError, raw: dict, source: str, yaml_text: str | None) -> str:
+    """One line per problem: the dotted key, what is wrong, the value given and, for typos, a suggestion."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not _is_type_tag(p)]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key '{key}'"
+            hint = suggest(loc)
+            if hint:
+                msg += f"; did you mean '{hint}'?"
+        elif e["type"] == "missing":
+            msg = f"missing required key '{key}'"
+        else:
+            text = e["msg"].removeprefix("Value error, ")
+            msg = f"{key}: {text} (got {_short(e.get('input'))})" if loc else text
+        where = source
+        line = find_line(yaml_text, loc) if yaml_text else None
+        if line:
+            where = f"{source}:{line}"
+        full = f"{where}: {msg}"
+        if full not in seen:
+            seen.add(full)
+            lines.append(full)
+    return "\n".join(lines[:8])
+
+
+def suggest(loc: list) -> str | None:
+    """The closest valid key to a misspelt one, as a dotted path."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            if isinstance(part, int):
+                continue
+            return None
+        model = _section_type(field.annotation) or model
+    names = list(model.model_fields)
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+    if not match:
+        return None
+    return ".".join([str(p) for p in loc[:-1]] + [match[0]])
+
+
+def find_line(yaml_text: str, loc: list) -> int | None:
+    """1-based line of a dotted key in the YAML text, if it is there."""
+    try:
+        node = yaml.compose(yaml_text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make local paths absolute against the config's folder; leave hub ids and the default alias alone."""
+    base = base.resolve()
+    mp = cfg.model.path
+    cand = Path(mp) if Path(mp).is_absolute() else base / mp
+    if cand.exists():
+        cfg.model.path = str(cand.resolve())
+    if cfg.data.path is not None:
+        cfg.data.path = _resolve_data_path(cfg.data.path, base)
+    for d in cfg.data.datasets:
+        d.path = _resolve_data_path(d.path, base)
+    return cfg
+
+
+def _resolve_data_path(p: str | list[str], base: Path) -> str | list[str]:
+    if isinstance(p, list):
+        return [_resolve_data_path(x, base) for x in p]  # type: ignore[misc]
+    path = Path(p)
+    if path.is_absolute():
+        return p
+    cand = base / path
+    if cand.exists():
+        return str(cand.resolve())
+    if HUB_ID.match(p) and not p.endswith(_FILE_SUFFIXES):
+        return p  # a hub dataset id: `datasets` fetches it (needs network)
+    return str(cand.resolve())
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found:
+            return found
+    return None
+
+
+def _is_type_tag(p: Any) -> bool:
+    # pydantic adds the union member it tried to the error location ("str", "list[str]", "literal[...]").
+    return isinstance(p, str) and (p in {"str", "int", "float", "bool", "none"} or "[" in p or p.startswith(
+        ("function-", "literal", "tuple", "list", "LoraSettings", "DatasetSpec", "dict")))
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."

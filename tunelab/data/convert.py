@@ -1,0 +1,77 @@
+"""`tunelab data convert`: a dataset file from one format to another (OpenAI messages, XTuner conversation,
+or pre-training text), and writing record files (.jsonl, or .json arrays)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.dataset import list_sources, read_source
+from tunelab.data.formats import Conversation, Document, RecordError, detect_format, to_conversation_record, \
+    to_openai_record, to_sample
+from tunelab.errors import DataError, OutputExistsError
+
+
+def read_as_records(path: str) -> list[dict[str, Any]]:
+    """Raw records of a file or folder, any readable format; bad JSON stops with file and line."""
+    out = []
+    for source in list_sources(path):
+        for where, rec in read_source(source):
+            if isinstance(rec, RecordError):
+                raise DataError(f"{where}: {rec}")
+            out.append(rec)
+    return out
+
+
+def write_records(records: list[dict], out: Path, fmt: str = "openai", overwrite: bool = False) -> None:
+    """Write records as .jsonl (one per line) or .json (an array), atomically."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if fmt == "conversation":
+        records = [to_conversation_record(to_sample(r, "openai")) if "messages" in r else r for r in records]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if out.suffix == ".json":
+            json.dump(records, f, ensure_ascii=False, indent=1)
+        else:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+
+
+def convert_file(src: Path, dst: Path, from_format: str, to_format: str, overwrite: bool = False) -> int:
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    out: list[dict] = []
+    fmt = None if from_format == "auto" else from_format
+    for source in list_sources(str(src)):
+        for where, rec in read_source(source):
+            try:
+                if isinstance(rec, RecordError):
+                    raise rec
+                if fmt is None:
+                    fmt = detect_format(rec)
+                    if fmt is None:
+                        raise RecordError("cannot tell the format of this record; pass --from")
+                sample = to_sample(rec, fmt)
+            except RecordError as e:
+                raise DataError(f"{where}: {e}") from None
+            if sample is None:
+                continue
+            out.append(_emit(sample, to_format))
+    write_records(out, dst, "openai", overwrite=True)
+    return len(out)
+
+
+def _emit(sample: Conversation | Document, to_format: str) -> dict[str, Any]:
+    if to_format == "openai":
+        return to_openai_record(sample)
+    if to_format == "conversation":
+        return to_conversation_record(sample)
+    if isinstance(sample, Document):
+        return {"text": sample.text}
+    # Chat data as pre-training text: the turns joined, as the continued pre-training tutorial does.
+    return {"text": "\n".join(m.content for m in sample.messages if m.role != "system")}

@@ -1,0 +1,248 @@
+"""Records of each supported format -> `Conversation` (chat data) or `Document` (plain text for pre-training).
+
+A record that cannot be converted raises `RecordError` with the reason; the loader adds the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("openai", "conversation", "alpaca", "sharegpt", "oasst1", "pretrain")
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record is malformed; the message is the reason, without location."""
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    loss: bool = True  # only meaningful for assistant messages
+
+
+@dataclass
+class Conversation:
+    messages: list[Message] = field(default_factory=list)
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0].content if self.messages and self.messages[0].role == "system" else None
+
+
+@dataclass
+class Document:
+    text: str
+
+
+Sample = Conversation | Document
+
+
+def detect_format(record: Any) -> str | None:
+    """Guess the format from one record's keys; None if nothing fits."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "openai"
+    if "conversation" in record:
+        return "conversation"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        text = record["text"]
+        if isinstance(text, str) and "### Human:" in text and "### Assistant:" in text:
+            return "oasst1"
+        return "pretrain"
+    return None
+
+
+def to_sample(record: Any, fmt: str) -> Sample | None:
+    """Convert one record; None means "nothing to learn here, drop it quietly" (e.g. alpaca's <nooutput>)."""
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "openai":
+        return _openai(record)
+    if fmt == "conversation":
+        return _xtuner_conversation(record)
+    if fmt == "alpaca":
+        return _alpaca(record)
+    if fmt == "sharegpt":
+        return _sharegpt(record)
+    if fmt == "oasst1":
+        return _oasst1(record)
+    if fmt == "pretrain":
+        text = _field(record, "text", str)
+        if not text.strip():
+            raise RecordError("empty 'text'")
+        return Document(text)
+    raise RecordError(f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+
+
+def parse_loss_flag(value: Any) -> bool:
+    """`loss` on a message: a bool, or the strings "true"/"false" (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RecordError(f"'loss' must be true or false, got {value!r}")
+
+
+def check_conversation(messages: list[Message]) -> Conversation:
+    """Enforce: optional leading system message, then user/assistant turns starting with user, ending with
+    an assistant reply; no empty assistant reply."""
+    if not messages:
+        raise RecordError("empty conversation")
+    start = 1 if messages[0].role == "system" else 0
+    turns = messages[start:]
+    if not turns:
+        raise RecordError("conversation has only a system message")
+    expected = "user"
+    for i, m in enumerate(turns, start=start):
+        if m.role == "system":
+            raise RecordError(f"message {i}: a system message is only allowed first")
+        if m.role != expected:
+            if m.role == "assistant":
+                raise RecordError(f"message {i}: assistant turn before any user turn" if i == start
+                                  else f"message {i}: two assistant turns in a row")
+            raise RecordError(f"message {i}: two user turns in a row")
+        expected = "assistant" if expected == "user" else "user"
+    if turns[-1].role != "assistant":
+        # A trailing question without an answer teaches nothing; drop it rather than fail.
+        turns = turns[:-1]
+        messages = messages[:start] + turns
+        if not turns:
+            raise RecordError("conversation has no assistant turn")
+    return Conversation(messages)
+
+
+def _openai(record: dict) -> Conversation:
+    msgs = _field(record, "messages", list)
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise RecordError(f"message {i} is not an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RecordError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise RecordError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
+        loss = parse_loss_flag(m["loss"]) if "loss" in m else True
+        out.append(Message(role, content, loss))
+    return check_conversation(out)
+
+
+def _xtuner_conversation(record: dict) -> Conversation:
+    turns = _field(record, "conversation", list)
+    out: list[Message] = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RecordError(f"conversation turn {i} is not an object")
+        system = t.get("system")
+        if system:
+            if i > 0:
+                raise RecordError(f"conversation turn {i}: 'system' is only allowed in the first turn")
+            out.append(Message("system", _str(system, f"turn {i} system")))
+        out.append(Message("user", _str(t.get("input") or "", f"turn {i} input")))
+        if "output" not in t:
+            raise RecordError(f"conversation turn {i} has no 'output'")
+        loss = parse_loss_flag(t["output_with_loss"]) if "output_with_loss" in t else True
+        out.append(Message("assistant", _str(t["output"], f"turn {i} output"), loss))
+    return check_conversation(out)
+
+
+def _alpaca(record: dict) -> Conversation | None:
+    instruction = _field(record, "instruction", str)
+    output = _field(record, "output", str)
+    if output.strip() == "<nooutput>":
+        return None
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise RecordError(f"'input' must be a string, got {type(extra).__name__}")
+    user = f"{instruction}\n{extra}" if extra else instruction
+    return check_conversation([Message("user", user), Message("assistant", output)])
+
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant", "bard": "assistant"}
+
+
+def _sharegpt(record: dict) -> Conversation:
+    turns = _field(record, "conversations", list)
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RecordError(f"conversations[{i}] is not an object")
+        who = t.get("from")
+        if who not in _SHAREGPT_ROLES:
+            raise RecordError(f"conversations[{i}]: unknown speaker {who!r} (expected human, gpt or system)")
+        out.append(Message(_SHAREGPT_ROLES[who], _str(t.get("value"), f"conversations[{i}].value")))
+    if "system" in record and record["system"] and (not out or out[0].role != "system"):
+        out.insert(0, Message("system", _str(record["system"], "system")))
+    return check_conversation(out)
+
+
+_OASST_SPLIT = re.compile(r"###\s*(Human|Assistant):")
+
+
+def _oasst1(record: dict) -> Conversation:
+    text = _field(record, "text", str)
+    parts = _OASST_SPLIT.split(text)
+    out = []
+    for speaker, body in zip(parts[1::2], parts[2::2]):
+        out.append(Message("user" if speaker == "Human" else "assistant", body.strip()))
+    if not out:
+        raise RecordError("no '### Human:' / '### Assistant:' turns in 'text'")
+    return check_conversation(out)
+
+
+def _field(record: dict, key: str, kind: type) -> Any:
+    if key not in record:
+        raise RecordError(f"missing '{key}' (keys present: {', '.join(map(str, record)) or 'none'})")
+    value = record[key]
+    if not isinstance(value, kind):
+        raise RecordError(f"'{key}' must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_openai_record(sample: Sample) -> dict:
+    """The OpenAI-messages record of a sample (used by `data convert` and the generators)."""
+    if isinstance(sample, Document):
+        return {"text": sample.text}
+    out = []
+    for m in sample.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and not m.loss:
+            d["loss"] = False
+        out.append(d)
+    return {"messages": out}
+
+
+def to_conversation_record(sample: Sample) -> dict:
+    """The XTuner `conversation` record of a sample."""
+    if isinstance(sample, Document):
+        return {"conversation": [{"input": "", "output": sample.text}]}
+    turns: list[dict[str, Any]] = []
+    system = sample.system
+    msgs = sample.messages[1:] if system is not None else sample.messages
+    for user, assistant in zip(msgs[0::2], msgs[1::2]):
+        turn: dict[str, Any] = {}
+        if system is not None and not turns:
+            turn["system"] = system
+        turn["input"] = user.content
+        turn["output"] = assistant.content
+        if not assistant.loss:
+            turn["output_with_loss"] = False
+        turns.append(turn)
+    return {"conversation": turns}

@@ -1,0 +1,77 @@
+"""`tunelab chat`: talk to a model in the terminal, with streaming and multi-turn history.
+
+At a terminal: a prompt per question; RESET (or /reset) clears the history, EXIT (or /exit, Ctrl-D) quits,
+`/system TEXT` sets the system prompt. From a pipe: one question per line, each answer printed (as JSON lines
+with --json), so scripts can drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from tunelab.infer.generate import ChatModel, GenerationOptions, PromptTooLong, conversation, generate, \
+    generate_stream
+
+HELP = ("Type a question. RESET or /reset clears the history, /system TEXT sets the system prompt, "
+        "EXIT, /exit or Ctrl-D quits.")
+
+
+def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None, stream: bool = True,
+             as_json: bool = False, keep_history: bool = True, stdin: TextIO | None = None,
+             stdout: TextIO | None = None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    interactive = stdin.isatty() and stdout.isatty()
+    history: list[tuple[str, str]] = []
+    if interactive:
+        print(f"tunelab chat: {chat.name} (template {chat.renderer.name}). {HELP}", file=stdout)
+    while True:
+        if interactive:
+            try:
+                text = input("\n>>> ")
+            except EOFError:
+                print(file=stdout)
+                break
+        else:
+            text = stdin.readline()
+            if text == "":
+                break
+        text = text.rstrip("\n")
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd in ("EXIT", "/exit", "/quit"):
+            break
+        if cmd in ("RESET", "/reset"):
+            history.clear()
+            if interactive:
+                print("(history cleared)", file=stdout)
+            continue
+        if cmd.startswith("/system"):
+            system = cmd[len("/system"):].strip() or None
+            history.clear()
+            if interactive:
+                print(f"(system prompt {'set' if system else 'cleared'}; history cleared)", file=stdout)
+            continue
+        conv = conversation(history if keep_history else [], text, system)
+        try:
+            if stream and not as_json:
+                answer = ""
+                for piece in generate_stream(chat, conv, opts):
+                    answer += piece
+                    stdout.write(piece)
+                    stdout.flush()
+                stdout.write("\n")
+            else:
+                answer = generate(chat, conv, opts)[0]
+                print(json.dumps({"question": text, "answer": answer}, ensure_ascii=False) if as_json else answer,
+                      file=stdout)
+        except PromptTooLong as e:
+            print(f"error: {e}; history cleared", file=sys.stderr)
+            history.clear()
+            continue
+        stdout.flush()
+        history.append((text, answer))
+    return 0

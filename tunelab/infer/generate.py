@@ -1,0 +1,222 @@
+"""The one generation core behind chat, the web page, the API, evaluation and export-app.
+
+Load a base model (optionally with a PEFT adapter, optionally 4/8-bit), render the conversation with the same
+prompt template used in training, generate with stop words, greedily or by sampling, whole or streamed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from tunelab.data.encode import encode_for_generation
+from tunelab.data.formats import Conversation, Message
+from tunelab.data.templates import Renderer, get_template
+from tunelab.errors import ModelError, TunelabError
+from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChatModel:
+    model: Any
+    tokenizer: Any
+    renderer: Renderer
+    device: torch.device
+    name: str
+    context_length: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def stop_words(self) -> list[str]:
+        return list(self.renderer.stop_words)
+
+
+class PromptTooLong(TunelabError):
+    pass
+
+
+def load_chat_model(path: str, adapter: str | None = None, bits: int | None = None, template: str | None = None,
+                    trust_remote_code: bool = False, device: str = "auto") -> ChatModel:
+    dev = choose_device(device)
+    resolved = resolve_model_path(path)
+    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
+                               else resolved, trust_remote_code)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    quant = {None: "none", 4: "nf4", 8: "int8"}[bits]
+    model = load_model(resolved, dtype=dtype, device=dev, quantization=quant, trust_remote_code=trust_remote_code)
+    if adapter:
+        model = attach_adapter(model, adapter, resolved)
+    model.eval()
+    model.config.use_cache = True
+    name = template or ("hf" if getattr(tokenizer, "chat_template", None) else "default")
+    renderer = get_template(name, tokenizer)
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    label = Path(resolved).name + (f" + {Path(adapter).name}" if adapter else "")
+    return ChatModel(model, tokenizer, renderer, dev, label, ctx)
+
+
+def attach_adapter(model: Any, adapter: str, base: str) -> Any:
+    from peft import PeftModel
+
+    a = Path(adapter)
+    if not (a / "adapter_config.json").exists():
+        raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, str(a))
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
+        raise ModelError(f"adapter {a} does not fit base model {base}: {detail[:240]}") from None
+
+
+def conversation(history: Sequence[tuple[str, str]], question: str, system: str | None) -> Conversation:
+    msgs = [Message("system", system)] if system else []
+    for q, a in history:
+        msgs += [Message("user", q), Message("assistant", a)]
+    msgs.append(Message("user", question))
+    return Conversation(msgs)
+
+
+def prompt_ids(chat: ChatModel, conv: Conversation, max_new_tokens: int = 0) -> list[int]:
+    ids = encode_for_generation(conv, chat.renderer, chat.tokenizer)
+    if len(ids) + max_new_tokens > chat.context_length:
+        raise PromptTooLong(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                            f"the model's context of {chat.context_length} tokens")
+    return ids
+
+
+def _generate_kwargs(chat: ChatModel, opts: GenerationOptions) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, pad_token_id=chat.tokenizer.pad_token_id,
+                              repetition_penalty=opts.repetition_penalty, use_cache=True)
+    eos = {chat.tokenizer.eos_token_id}
+    for w in chat.stop_words:
+        tid = chat.tokenizer.convert_tokens_to_ids(w)
+        if isinstance(tid, int) and tid != chat.tokenizer.unk_token_id:
+            eos.add(tid)
+    kw["eos_token_id"] = sorted(t for t in eos if t is not None)
+    text_stops = [w for w in opts.stop_words if w]
+    if text_stops:
+        kw["stop_strings"] = text_stops
+        kw["tokenizer"] = chat.tokenizer
+    if opts.temperature and opts.temperature > 0:
+        kw.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _trim(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        if s:
+            j = text.find(s)
+            if j >= 0:
+                cut = min(cut, j)
+    return text[:cut]
+
+
+def generate(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> tuple[str, int, int]:
+    """(answer, prompt tokens, generated tokens)."""
+    ids = prompt_ids(chat, conv, opts.max_new_tokens)
+    with chat.lock, torch.inference_mode():
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        inp = torch.tensor([ids], device=chat.device)
+        out = chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **_generate_kwargs(chat, opts))
+    new = out[0, len(ids):].tolist()
+    text = chat.tokenizer.decode(new, skip_special_tokens=True)
+    return _trim(text, [*opts.stop_words, *chat.stop_words]).strip(), len(ids), len(new)
+
+
+def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> Iterator[str]:
+    """Yield the answer in pieces as tokens arrive; stop words are never shown, even partly."""
+    from transformers import TextIteratorStreamer
+
+    ids = prompt_ids(chat, conv, opts.max_new_tokens)
+    streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    stops = [s for s in [*opts.stop_words, *chat.stop_words] if s]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                if opts.seed is not None:
+                    torch.manual_seed(opts.seed)
+                inp = torch.tensor([ids], device=chat.device)
+                chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer,
+                                    **_generate_kwargs(chat, opts))
+        except BaseException as e:  # surfaced to the caller below
+            errors.append(e)
+            streamer.end()
+
+    with chat.lock:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        shown = 0
+        text = ""
+        stopped = False
+        for piece in streamer:
+            if stopped:
+                continue
+            text += piece
+            cut = _trim(text, stops)
+            if len(cut) < len(text):
+                stopped = True
+                text = cut
+            # hold back a tail that could be the start of a stop word
+            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            visible = len(text) - (0 if stopped else hold)
+            if visible > shown:
+                yield text[shown:visible]
+                shown = visible
+        worker.join()
+        if errors:
+            raise errors[0]
+        if not stopped and shown < len(text):
+            yield text[shown:]
+
+
+def generate_batch(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy or sampled answers for many conversations, batched with left padding."""
+    answers: list[str] = []
+    pad = chat.tokenizer.pad_token_id
+    stops = [*opts.stop_words, *chat.stop_words]
+    for start in range(0, len(convs), batch_size):
+        group = [prompt_ids(chat, c, opts.max_new_tokens) for c in convs[start:start + batch_size]]
+        width = max(map(len, group))
+        inp = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, ids in enumerate(group):
+            inp[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        with chat.lock, torch.inference_mode():
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            out = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device),
+                                      **_generate_kwargs(chat, opts))
+        for row in out[:, width:].tolist():
+            text = chat.tokenizer.decode(row, skip_special_tokens=True)
+            answers.append(_trim(text, stops).strip())
+    return answers
+
+
+def from_training(model: Any, tokenizer: Any, renderer: Renderer, device: torch.device) -> ChatModel:
+    """A ChatModel around a model being trained (for evaluation during training)."""
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    return ChatModel(model, tokenizer, renderer, device, "training", ctx)

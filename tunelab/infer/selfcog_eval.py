@@ -1,0 +1,63 @@
+"""`tunelab eval self-cognition`: did the model learn its new identity without losing its general behaviour?
+
+Asks the held-out identity phrasings (Chinese and English, never used in training data) and a fixed set of
+held-out general questions, greedily, and reports two rates: identity answers that name the owner, and general
+answers that are not hijacked by the identity: they neither mention the owner nor repeat a stretch of an
+identity answer (6 Chinese characters or 15 other characters in a row).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from tunelab.data.formats import Conversation, Message
+from tunelab.data.selfcog import ANSWERS, DEFAULT_DESC, GENERAL_HELD_OUT, IDENTITY_HELD_OUT
+from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
+
+
+@dataclass
+class SelfCognitionReport:
+    identity_rate: float
+    general_rate: float
+    identity: list[dict] = field(default_factory=list)
+    general: list[dict] = field(default_factory=list)
+
+
+def names_owner(answer: str, name: str) -> bool:
+    return name.lower() in answer.lower()
+
+
+_CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def echoes_identity(answer: str, identity_answers: list[str]) -> bool:
+    """True if the answer repeats a long stretch of any identity answer."""
+    for ref in identity_answers:
+        m = difflib.SequenceMatcher(None, answer, ref, autojunk=False).find_longest_match(0, len(answer), 0, len(ref))
+        piece = answer[m.a:m.a + m.size]
+        if len(_CJK.findall(piece)) >= 6 or len(piece.strip()) >= 15:
+            return True
+    return False
+
+
+def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
+    refs = [t.format(name=name, desc=(model_desc or DEFAULT_DESC[lang]).rstrip("。."))
+            for lang, ts in ANSWERS.items() for t in ts]
+    return names_owner(answer, name) or echoes_identity(answer, refs)
+
+
+def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = None, model_desc: str | None = None,
+                            max_new_tokens: int = 64) -> SelfCognitionReport:
+    questions = [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
+
+    def ask(qs: list[str]) -> list[str]:
+        convs = [Conversation(([Message("system", system)] if system else []) + [Message("user", q)]) for q in qs]
+        return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
+
+    ident = [{"question": q, "answer": a, "ok": names_owner(a, name)} for q, a in zip(questions, ask(questions))]
+    general = [{"question": q, "answer": a, "ok": bool(a.strip()) and not is_hijacked(a, name, model_desc)}
+               for q, a in zip(GENERAL_HELD_OUT, ask(GENERAL_HELD_OUT))]
+    return SelfCognitionReport(sum(r["ok"] for r in ident) / len(ident),
+                               sum(r["ok"] for r in general) / len(general), ident, general)

@@ -1,0 +1,70 @@
+"""What is trainable: LoRA/DoRA adapters through peft (LoRA, QLoRA), or every weight (full fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunelab.config.schema import ALL_LINEAR, LoraSettings
+from tunelab.errors import ConfigError
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Names (last component) of the decoder's linear layers, the output head excluded."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, mod in model.named_modules():
+        if mod is head:
+            continue
+        cls = type(mod).__name__
+        if isinstance(mod, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def add_lora(model: Any, lora: LoraSettings) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    if lora.target_modules == ALL_LINEAR:
+        targets = available
+    else:
+        missing = [t for t in lora.target_modules if t not in available]
+        if missing:
+            raise ConfigError(f"model.lora.target_modules: {missing} not in this model "
+                              f"(its linear layers: {', '.join(available)})")
+        targets = list(lora.target_modules)
+    layers = None
+    if lora.layers_to_transform:
+        n_layers = model.config.num_hidden_layers
+        layers = list(range(max(0, n_layers - lora.layers_to_transform), n_layers))
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                     use_dora=lora.use_dora, layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # adapter weights and their optimizer state stay in fp32
+    return model
+
+
+def make_full_trainable(model: Any) -> Any:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def enable_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint must hold: trainable parameters only, by their model-side names."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

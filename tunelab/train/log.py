@@ -1,0 +1,104 @@
+"""What a run writes about itself: console lines, `scalars.jsonl`, TensorBoard events, `train.log` and, at the
+end, `loss_curve.png`. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab import ui
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunLogger:
+    def __init__(self, log_dir: Path, enabled: bool = True):
+        self.dir = log_dir
+        self.enabled = enabled
+        self.tb = None
+        self._jsonl = None
+        self._text = None
+        if enabled:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(log_dir / "scalars.jsonl", "a", encoding="utf-8")
+            self._text = open(log_dir / "train.log", "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(log_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; a broken install must not stop training
+                ui.warn("tensorboard", "tensorboard is not importable; no event files will be written")
+            ui.add_warning_sink(self._on_warning)
+
+    def _on_warning(self, key: str, msg: str) -> None:
+        self.text(f"warning: {msg}")
+
+    def info(self, msg: str) -> None:
+        ui.info(msg)
+        self.text(msg)
+
+    def text(self, msg: str) -> None:
+        if self._text:
+            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            self._text.flush()
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        ui.remove_warning_sink(self._on_warning)
+        if ui.warning_counts:
+            self.text("warning counts: " + json.dumps(dict(ui.warning_counts)))
+        for f in (self._jsonl, self._text):
+            if f:
+                f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_scalars(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(scalars_file: Path, out: Path) -> Path | None:
+    """loss_curve.png: training loss (and lr on a second axis) against the optimizer step."""
+    rows = [r for r in read_scalars(scalars_file) if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    if all("lr" in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
+        ax2.set_ylabel("learning rate", color="tab:orange")
+    ax.set_title("tunelab training loss")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

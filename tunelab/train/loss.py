@@ -1,0 +1,75 @@
+"""The training loss, computed by one function that a fused kernel can replace.
+
+Labels arrive already shifted (labels[t] is the target after position t, or -100). The decoder runs once;
+the output head and cross-entropy run only on positions that have a target, which skips the (large) vocabulary
+projection for prompt and padding tokens. The function returns the *sum* of token losses and the token count,
+so gradient accumulation can weight every token in the accumulated batch equally.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.encode import IGNORE
+
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+# Models whose logits are exactly `lm_head(final hidden state)`; others go through the full forward.
+_PLAIN_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def split_decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    decoder = getattr(base, "model", None)
+    cfg = base.config
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _PLAIN_HEAD_ATTRS):
+        return None
+    return decoder, head
+
+
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy over target tokens, number of target tokens)."""
+    labels = batch["labels"]
+    parts = split_decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        flat = labels.reshape(-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, (flat != IGNORE).sum()
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).last_hidden_state
+    keep = labels != IGNORE
+    logits = head(hidden[keep]).float()
+    loss = F.cross_entropy(logits, labels[keep], reduction="sum")
+    return loss, keep.sum()
+
+
+def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract, with Liger's fused linear cross-entropy: the logits are never materialised."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    parts = split_decoder_and_head(model)
+    if parts is None:
+        return causal_lm_loss(model, batch)
+    decoder, head = parts
+    labels = batch["labels"]
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).last_hidden_state
+    keep = labels != IGNORE
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
+    h = hidden[keep]
+    return fused(head.weight, h, labels[keep], head.bias), keep.sum()
+
+
+def choose_loss(use_liger: bool, device: torch.device) -> LossFn:
+    if use_liger and device.type == "cuda":
+        return liger_causal_lm_loss
+    return causal_lm_loss
