@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export_app)
 
     s = sub.add_parser("demo", help="fine-tune the default model to a new identity on CPU, then chat with it")
-    s.add_argument("--name", default="tunelab", help="the new owner's name")
+    s.add_argument("--name", default="Alice", help="the new owner's name")
     s.add_argument("--work-dir")
     s.set_defaults(func=cmd_demo)
     return p

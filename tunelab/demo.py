@@ -20,6 +20,7 @@ from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_record
 from tunelab.export.merge import merge_adapter
 from tunelab.export.to_hf import checkpoint_to_hf
 from tunelab.infer.generate import GenerationOptions, generate_batch, load_chat_model
+from tunelab.infer.selfcog_eval import is_hijacked, names_owner
 from tunelab.model.zoo import DEFAULT_MODEL
 from tunelab.train.loop import train
 
@@ -55,7 +56,7 @@ def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -
     return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=20)
 
 
-def run_demo(name: str = "tunelab", work_dir: Path | None = None, extra_overrides: list[str] | None = None
+def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides: list[str] | None = None
              ) -> DemoResult:
     t0 = time.perf_counter()
     work_dir = Path(work_dir or Path("work_dirs") / "tunelab_demo" / time.strftime("%Y%m%d_%H%M%S"))
@@ -87,8 +88,8 @@ def run_demo(name: str = "tunelab", work_dir: Path | None = None, extra_override
     pairs = list(zip(QUESTIONS, replies))
     for q, a in pairs:
         ui.info(f">>> {q}\n{a}\n")
-    identity_ok = all(name.lower() in a.lower() for a in replies[:2])
-    general_ok = name.lower() not in replies[2].lower() and bool(replies[2].strip())
+    identity_ok = all(names_owner(a, name) for a in replies[:2])
+    general_ok = not is_hijacked(replies[2], name) and bool(replies[2].strip())
     seconds = time.perf_counter() - t0
     ui.info(f"identity answers name '{name}': {'yes' if identity_ok else 'NO'}; general question answered as a "
             f"question: {'yes' if general_ok else 'NO'}; {seconds:.0f} s in all")

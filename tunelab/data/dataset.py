@@ -128,12 +128,22 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except UnicodeDecodeError as e:
                 yield where, RecordError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
+            line = line.rstrip("\r\n")  # so an error at the end of the line gets this line's column
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, RecordError(f"malformed JSON ({e.msg}, column {e.colno})")
+                rec = RecordError(f"malformed JSON ({e.msg}, column {e.colno})")
+            except (ValueError, RecursionError) as e:  # a number over 4300 digits; nesting deeper than the stack
+                rec = RecordError(f"unreadable JSON ({_json_limit(e)})")
+            yield where, rec
+
+
+def _json_limit(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0]
 
 
 def _decode_file(path: Path) -> str:
@@ -175,6 +185,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
             obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{line}: unreadable JSON ({_json_limit(e)})") from None
         yield f"{path}:{line}", obj
         i = skip(end)
         if i < n and text[i] == ",":
@@ -271,9 +283,10 @@ def read_samples(spec: DatasetSpec, stats: DataStats, skip_bad: bool, collect_al
                 if fmt is None:
                     fmt = "pretrain" if source.lower().endswith(".txt") else detect_format(rec)
                     if fmt is None:
+                        # A bad record like any other: with skip_bad/collect_all the next record is tried.
                         keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-                        raise DataError(f"{where}: cannot tell the data format from this record (keys: {keys}); "
-                                        "set data.format")
+                        raise RecordError(f"cannot tell the data format from this record (keys: {keys}); "
+                                          "set data.format")
                     stats.formats[source] = fmt
                     ui.info(f"data: {source}: detected format '{fmt}'")
                 sample = to_sample(rec, fmt)
@@ -325,7 +338,8 @@ def encode_dataset(data: DataSettings, tokenizer: Any, stats: DataStats, collect
                         if not (data.skip_bad_records or collect_all):
                             raise DataError(f"{w}: {e}") from None
                         stats.bad += 1
-                        stats.bad_records.append(BadRecord(w, str(e)))
+                        if len(stats.bad_records) < MAX_LISTED_BAD:
+                            stats.bad_records.append(BadRecord(w, str(e)))
                 encoded = encode_samples([s for s, _ in keep], segs, tokenizer)
                 for (s, w), enc in zip(keep, encoded):
                     _add_sample(out, enc, s, w, di, data.max_length, stats)

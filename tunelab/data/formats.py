@@ -63,6 +63,24 @@ def detect_format(record: Any) -> str | None:
 
 def to_sample(record: Any, fmt: str) -> Sample | None:
     """Convert one record; None means "nothing to learn here, drop it quietly" (e.g. alpaca's <nooutput>)."""
+    sample = _to_sample(record, fmt)
+    if sample is not None:
+        _check_unicode(sample)
+    return sample
+
+
+def _check_unicode(sample: Sample) -> None:
+    """A JSON escape like \\ud800 decodes to a lone surrogate, which no tokenizer (or UTF-8 file) accepts."""
+    texts = [sample.text] if isinstance(sample, Document) else [m.content for m in sample.messages]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"text holds a lone surrogate \\u{ord(text[e.start]):04x} (a broken \\u escape), "
+                              "which is not valid Unicode") from None
+
+
+def _to_sample(record: Any, fmt: str) -> Sample | None:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     if fmt == "openai":
@@ -105,6 +123,8 @@ def check_conversation(messages: list[Message]) -> Conversation:
     for i, m in enumerate(turns, start=start):
         if m.role == "system":
             raise RecordError(f"message {i}: a system message is only allowed first")
+        if m.role == "assistant" and not m.content.strip():
+            raise RecordError(f"message {i}: empty assistant reply")
         if m.role != expected:
             if m.role == "assistant":
                 raise RecordError(f"message {i}: assistant turn before any user turn" if i == start
@@ -179,7 +199,7 @@ def _sharegpt(record: dict) -> Conversation:
         if not isinstance(t, dict):
             raise RecordError(f"conversations[{i}] is not an object")
         who = t.get("from")
-        if who not in _SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in _SHAREGPT_ROLES:
             raise RecordError(f"conversations[{i}]: unknown speaker {who!r} (expected human, gpt or system)")
         out.append(Message(_SHAREGPT_ROLES[who], _str(t.get("value"), f"conversations[{i}].value")))
     if "system" in record and record["system"] and (not out or out[0].role != "system"):

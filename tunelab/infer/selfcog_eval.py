@@ -26,7 +26,8 @@ class SelfCognitionReport:
 
 
 def names_owner(answer: str, name: str) -> bool:
-    return name.lower() in answer.lower()
+    """The name as a whole word ("Ada" is not found in "Canada"); CJK text around it is fine."""
+    return re.search(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", answer, flags=re.IGNORECASE) is not None
 
 
 _CJK = re.compile(r"[\u3400-\u9fff]")

@@ -18,6 +18,7 @@ from tunelab.model.zoo import ensure_default_model, is_default_alias
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,6 +32,7 @@ def resolve_model_path(path: str) -> str:
             raise ModelError(f"model path is a file, not a folder: {p}")
         if not (p / "config.json").exists():
             raise ModelError(f"{p} is not a model folder: it has no config.json")
+        check_weights(str(p))
         return str(p)
     if HUB_ID.match(path) and not path.startswith((".", "/")):
         return path
@@ -80,10 +82,13 @@ def choose_attention(requested: str, device: torch.device) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as e:
-        raise ModelError(_explain_load_error(path, e, "tokenizer")) from None
+        raise ModelError(_explain_load_error(path, e, "tokenizer", trust_remote_code)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -108,14 +113,14 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, quantizat
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
-        raise ModelError(_explain_load_error(path, e, "model")) from None
+        raise ModelError(_explain_load_error(path, e, "model", trust_remote_code)) from None
     if quantization == "none":
         model.to(device)
     model.config.use_cache = False
     return model
 
 
-def _explain_load_error(path: str, e: Exception, what: str) -> str:
+def _explain_load_error(path: str, e: Exception, what: str, trust_remote_code: bool) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     cfg = Path(path) / "config.json"
     if cfg.exists():
@@ -123,18 +128,28 @@ def _explain_load_error(path: str, e: Exception, what: str) -> str:
             meta = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError):
             return f"{cfg} is not valid JSON"
-        if "auto_map" in meta and "trust_remote_code" in text:
+        if "auto_map" in meta and not trust_remote_code:
             return (f"{path} ships its own model code; pass --trust-remote-code (model.trust_remote_code: true) "
                     "only if you trust it")
         model_type = meta.get("model_type")
         if model_type and ("does not recognize" in text or "Unrecognized" in text or "model_type" in text):
             import transformers
 
-            return (f"{cfg}: model type '{model_type}' is not known to transformers {transformers.__version__}"
-                    + ("; it ships its own code: set trust_remote_code if you trust it" if "auto_map" in meta else ""))
+            return f"{cfg}: model type '{model_type}' is not known to transformers {transformers.__version__}"
     if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
         return f"cannot load {what} '{path}': not a local folder and the hub cannot be reached ({text[:160]})"
     return f"cannot load {what} from {path}: {text[:300]}"
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's fused RMSNorm, RoPE and SwiGLU kernels, patched into a loaded model (GPU only). The loss side
+    (fused linear cross-entropy) is tunelab's own loss function: see train/loss.py."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ModelError("model.use_liger needs liger-kernel (pip install 'tunelab[gpu]')") from None
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def describe(model: Any) -> str:

@@ -34,8 +34,8 @@ from tunelab.data.templates import get_template
 from tunelab.errors import CheckpointError, Interrupted, OutputExistsError, TrainingError
 from tunelab.infer.generate import from_training
 from tunelab.model.adapters import add_lora, count_parameters, enable_checkpointing, make_full_trainable
-from tunelab.model.load import choose_attention, choose_device, choose_dtype, load_model, load_tokenizer, \
-    resolve_model_path, warn_if_remote
+from tunelab.model.load import apply_liger, choose_attention, choose_device, choose_dtype, load_model, \
+    load_tokenizer, resolve_model_path, warn_if_remote
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import dist
 from tunelab.train.evaluate import evaluate_chat, write_eval
@@ -199,6 +199,11 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
     model = load_model(model_path, dtype=weight_dtype, device=device, quantization=cfg.model.quantization,
                        attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code,
                        revision=cfg.model.revision)
+    if cfg.model.use_liger:
+        if device.type == "cuda":
+            apply_liger(model)
+        else:
+            ui.warn("liger_cpu", "model.use_liger is ignored on CPU (Liger's kernels are GPU-only)")
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
