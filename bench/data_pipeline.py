@@ -41,7 +41,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
             msgs.append({"role": "user", "content": " ".join(sentence(rng, rng.randint(6, 14))
                                                              for _ in range(rng.randint(1, 3)))})
             msgs.append({"role": "assistant", "content": " ".join(sentence(rng, rng.randint(8, 20))
-                                                                  for _ in range(rng.randint(2, 12)))})
+                                                                  for _ in range(rng.randint(3, 18)))})
         out.append({"messages": msgs})
     return out
 
@@ -73,7 +73,7 @@ def run_peer(path: Path, tokenizer, max_length: int, num_proc: int) -> dict:
     from tunelab.data.templates import TEMPLATES
 
     t = TEMPLATES["internlm2_chat"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
 
     def openai_map_fn(ex):
         conv, system, inp = [], "", ""

@@ -98,6 +98,7 @@ def run_case(name: str, root: Path) -> dict:
         model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=TARGETS))
     model.train()
     torch.cuda.empty_cache()
+    model_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     loss_module = LossModule(model, choose_loss(liger, device))
     optimizer = build_optimizer(model, TrainSettings(lr=1e-5), device)
@@ -119,11 +120,46 @@ def run_case(name: str, root: Path) -> dict:
             times.append(time.perf_counter() - t)
     step = sorted(times)[len(times) // 2]
     res = {"impl": "tunelab", "case": name, "tokens_per_s": round(bsz * seqlen / step), "step_s": round(step, 4),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss, 3),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "model_gib": round(model_gib, 2),
+           "loss": round(loss, 3),
            "ckpt": ckpt, "attn": attn, "liger": liger}
     del model, optimizer, loss_module
     torch.cuda.empty_cache()
     return res
+
+
+def check_packed_attention() -> dict:
+    """Packed rows must give the same loss under every attention backend, and equal the sum of the
+    documents' losses computed one by one (no document attends to another)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.data.pack import collate
+    from tunelab.train.loss import causal_lm_loss
+
+    cfg = LlamaConfig(**{**SHAPES["1_8b"], "num_hidden_layers": 2}, max_position_embeddings=8192,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    rows = to_rows(*packed_batch(1, 4096, cfg.vocab_size, gen)[:3])
+    out = {"check": "packed_attention"}
+    with torch.no_grad():
+        for attn in ("sdpa", "flex_attention", "eager"):
+            model.config._attn_implementation = attn
+            batch = {k: v.cuda() for k, v in collate(rows, 0).items()}
+            out[attn] = float(causal_lm_loss(model, batch)[0])
+        model.config._attn_implementation = "sdpa"
+        ids, labels, lens = rows[0]
+        start, alone = 0, 0.0
+        for n in lens.tolist():
+            one = (ids[start:start + n], labels[start:start + n], np.array([n]))
+            alone += float(causal_lm_loss(model, {k: v.cuda() for k, v in collate([one], 0).items()})[0])
+            start += n
+        out["documents_alone"] = alone
+    ref = out["documents_alone"]
+    out["max_rel_diff"] = max(abs(out[a] - ref) / abs(ref) for a in ("sdpa", "flex_attention", "eager"))
+    return out
 
 
 if __name__ == "__main__":
@@ -132,8 +168,10 @@ if __name__ == "__main__":
 
     print(json.dumps({"impl": "tunelab", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "transformers": transformers.__version__, "peft": peft.__version__}), flush=True)
+    if "--check" in sys.argv:
+        print(json.dumps(check_packed_attention()), flush=True)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        for name in sys.argv[1:]:
+        for name in [a for a in sys.argv[1:] if not a.startswith("--")]:
             t0 = time.time()
             try:
                 r = run_case(name, Path(tmp))

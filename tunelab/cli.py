@@ -282,15 +282,18 @@ def _load_for_serving(args: argparse.Namespace):
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from tunelab.infer.api import ensure_port_free
     from tunelab.infer.web import serve_web
 
+    ensure_port_free(args.host, args.port)  # before the (slow) model load
     return serve_web(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
                      defaults=_generation_options(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunelab.infer.api import serve_api
+    from tunelab.infer.api import ensure_port_free, serve_api
 
+    ensure_port_free(args.host, args.port)  # before the (slow) model load
     return serve_api(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
                      defaults=_generation_options(args), model_name=args.model_name)
 
@@ -458,7 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`train cfg.yaml --work-dir w data.max_length=512`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries(args.debug)
     try:
         return int(args.func(args) or 0)

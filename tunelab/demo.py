@@ -26,10 +26,11 @@ from tunelab.train.loop import train
 
 DEMO_CONFIG = "smollm2_135m_instruct_lora_self_cognition_e3"
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?"]
-# Tuned on the 2-core CI machine: about four minutes of training, identity learnt, general answers kept.
-DEMO_OVERRIDES = ["train.max_epochs=3", "train.accumulative_counts=2", "train.batch_size=4", "data.max_length=256",
+# Tuned on the 2-core CI machine (tunelab eval self-cognition: 94% identity, 100% general answers kept; see
+# BENCHMARKS.md): about six minutes of training.
+DEMO_OVERRIDES = ["train.max_epochs=4", "train.accumulative_counts=2", "train.batch_size=4", "data.max_length=256",
                   "runtime.log_interval=5", "runtime.save_steps=1000", "runtime.evaluation_inputs=[]"]
-GENERAL_RATIO = 0.3
+GENERAL_RATIO = 0.45
 
 
 @dataclass
@@ -53,7 +54,8 @@ def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -
     """The model's own greedy answers: training on them keeps its general behaviour."""
     chat = load_chat_model(model)
     convs = [Conversation([Message("user", q)]) for q in questions]
-    return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=20)
+    # One batch: on a CPU, fewer sequential decoding steps beat the extra padding (34 s vs 61 s for 86 questions).
+    return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=128)
 
 
 def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides: list[str] | None = None

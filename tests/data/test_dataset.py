@@ -134,3 +134,28 @@ def test_weighted_mix_follows_the_weights(tmp_path, tiny_tokenizer):
     one = tiny_tokenizer.encode("1", add_special_tokens=False)[0]
     from_b = sum(1 for i in range(len(prepared.rows)) if one in prepared.rows.row(i)[0].tolist())
     assert from_b == 5  # 1/4 of 20
+
+
+def test_save_to_disk_folder_and_offline_hub_id(tmp_path, tiny_tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list(chat_records(5)).save_to_disk(str(tmp_path / "saved"))
+    prepared = prepare_data(settings(tmp_path / "saved", cache=False), tiny_tokenizer)
+    assert prepared.stats.samples == 5
+    with pytest.raises(DataError, match=r"cannot load dataset 'nobody-here/no-such-dataset'.*network"):
+        prepare_data(DataSettings(path="nobody-here/no-such-dataset", cache=False), tiny_tokenizer)
+
+
+def test_data_prepare_command_reports_rows_tokens_and_speed(tmp_path, tiny_model_dir):
+    from tests.conftest import run_cli, tiny_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_records(30))
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, data={"cache": True})
+    env = {"TUNELAB_CACHE": str(tmp_path / "cache")}
+    first = run_cli("data", "prepare", str(cfg), env=env)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 30 and report["tokens"] > 0 and report["rows"] > 0
+    assert report["seconds"] > 0 and report["tokens_per_s"] > 0 and report["from_cache"] is False
+    second = json.loads(run_cli("data", "prepare", str(cfg), env=env).stdout.strip().splitlines()[-1])
+    assert second["from_cache"] is True and second["rows"] == report["rows"]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import build_tiny_model, chat_records, tiny_config, write_jsonl
+from tests.conftest import chat_records, tiny_config, write_jsonl
 from tunelab.config.load import load_config
 from tunelab.errors import ModelError, OutputExistsError
 from tunelab.export.merge import merge_adapter
@@ -61,8 +61,6 @@ def test_merged_model_gives_the_same_logits_as_base_plus_adapter(trained, tiny_m
 
 
 def test_merge_into_another_base_model_is_a_clear_error(trained, tmp_path):
-    from transformers import AutoTokenizer
-
     tmp, cfg, res = trained
     adapter = tmp / "adapter3"
     checkpoint_to_hf(cfg, res.checkpoint, adapter)

@@ -69,18 +69,19 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(setup):
     assert losses(work) == ref  # every step from the checkpoint on: bitwise the same loss
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_non_zero(setup):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_non_zero(setup, sig, code):
     tmp, cfg, ref = setup
-    work = tmp / "term"
+    work = tmp / f"sig{int(sig)}"
     proc = start(cfg, work)
     wait_for(lambda: any(losses_file.exists() for losses_file in work.glob("*/scalars.jsonl"))
              and losses(work), proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     step = int((work / "last_checkpoint").read_text().strip().split("_")[1])
     assert 0 < step < STEPS
-    assert f"stopped by SIGTERM at step {step}/{STEPS}" in err
+    assert f"stopped by {sig.name} at step {step}/{STEPS}" in err
     assert "--resume" in err and "Traceback" not in err
     res = run_cli("train", str(cfg), "--work-dir", str(work), "--resume")
     assert res.returncode == 0, res.stderr

@@ -90,6 +90,32 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, tiny_model_dir):
         run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", "data.max_length=32"], resume=True)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_training_runs(tmp_path, tiny_model_dir, dtype):
+    # float16 runs with loss scaling (a GradScaler); both keep the LoRA weights and their updates in fp32
+    res = run(tmp_path, tiny_model_dir, overrides=["train.max_steps=3", f"train.dtype={dtype}"])
+    losses = [r["loss"] for r in read_scalars(res.log_dir / "scalars.jsonl")]
+    assert len(losses) == 3 and all(x == x and x < 20 for x in losses)
+    assert dtype in (res.log_dir / "train.log").read_text()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir):
+    over = ["train.max_steps=3", "model.lora.dropout=0.0"]
+    plain = run(tmp_path, tiny_model_dir, work="a", overrides=over)
+    ckpt = run(tmp_path, tiny_model_dir, work="b", overrides=[*over, "model.gradient_checkpointing=true"])
+    a = [r["loss"] for r in read_scalars(plain.log_dir / "scalars.jsonl")]
+    b = [r["loss"] for r in read_scalars(ckpt.log_dir / "scalars.jsonl")]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resume_force_accepts_a_changed_config(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, overrides=["train.max_steps=1"])
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(12))
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data), ["train.max_steps=2", "data.max_length=48"])
+    res = train(cfg, "tiny", work_dir=tmp_path / "work", resume=True, resume_force=True)
+    assert res.steps == 2
+
+
 def test_qlora_nf4_trains_on_cpu(tmp_path, tiny_model_dir):
     res = run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", "model.quantization=nf4"])
     assert res.steps == 2 and res.loss == res.loss  # finite

@@ -68,7 +68,7 @@ def apply_override(raw: dict, item: str) -> None:
     """Set a dotted key (data.max_length=512) in the raw config, creating sections as needed."""
     keys, value = parse_override(item)
     node = raw
-    for i, k in enumerate(keys[:-1]):
+    for k in keys[:-1]:
         nxt = node.get(k)
         if not isinstance(nxt, dict):
             nxt = {}

@@ -11,6 +11,7 @@ once, per sample, so no sample is ever trained to predict the first token of the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,43 +35,56 @@ def render(sample: Sample, renderer: Renderer, system: str | None) -> Segments:
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    ids, offsets = tokenize_flat(tokenizer, texts, add_special_tokens)
+    return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def tokenize_flat(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """All texts' token ids in one int32 array, and offsets (text i is ids[offsets[i]:offsets[i+1]])."""
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     if not texts:
-        return []
+        return np.zeros(0, dtype=np.int32), offsets
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-        return [e.ids for e in fast(list(texts), add_special_tokens=add_special_tokens)]
-    return tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+        parts = [e.ids for e in fast(list(texts), add_special_tokens=add_special_tokens)]
+    else:
+        parts = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return np.fromiter(chain.from_iterable(parts), dtype=np.int32, count=int(offsets[-1])), offsets
 
 
 def encode_samples(samples: Sequence[Sample], segments: Sequence[Segments], tokenizer: Any) -> list[Encoded]:
     """Tokenise the rendered segments of many samples at once."""
     flat: list[str] = []
+    flags: list[bool] = []
     doc_texts: list[str] = []
     for sample, segs in zip(samples, segments):
         if isinstance(sample, Document):
             doc_texts.append(segs[0][0])
         else:
             flat.extend(text for text, _ in segs)
-    ids = tokenize_texts(tokenizer, flat)
+            flags.extend(loss for _, loss in segs)
+    ids, offsets = tokenize_flat(tokenizer, flat)
+    # one loss flag per token: each segment's flag repeated over its tokens
+    mask = np.repeat(np.asarray(flags, dtype=bool), np.diff(offsets))
     doc_ids = tokenize_texts(tokenizer, doc_texts, add_special_tokens=True)
     eos = tokenizer.eos_token_id
     out: list[Encoded] = []
     k = d = 0
     for sample, segs in zip(samples, segments):
         if isinstance(sample, Document):
-            toks = list(doc_ids[d])
+            toks = doc_ids[d]
             d += 1
             if eos is not None and (not toks or toks[-1] != eos):
                 toks.append(eos)  # documents are joined with EOS
             arr = np.asarray(toks, dtype=np.int32)
             out.append(Encoded(arr, np.ones(len(arr), dtype=bool)))
             continue
-        parts = ids[k:k + len(segs)]
+        a, b = offsets[k], offsets[k + len(segs)]
         k += len(segs)
-        arr = np.fromiter((t for p in parts for t in p), dtype=np.int32, count=sum(map(len, parts)))
-        mask = np.repeat(np.array([loss for _, loss in segs], dtype=bool), [len(p) for p in parts])
-        out.append(Encoded(arr, mask))
+        out.append(Encoded(ids[a:b], mask[a:b]))
     return out
 
 

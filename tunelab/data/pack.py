@@ -90,7 +90,8 @@ def position_ids_for(seq_lens: np.ndarray, total: int) -> np.ndarray:
 
 def collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int, multiple_of: int = 8,
             pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows -> {input_ids, labels, position_ids}, padded to the longest row (or pad_to)."""
+    """Rows -> {input_ids, labels, position_ids, target_index, targets}, padded to the longest row (or pad_to).
+    target_index holds the flat positions (row * width + column) that have a target; targets their labels."""
     longest = max(len(r[0]) for r in rows)
     width = pad_to or -(-longest // multiple_of) * multiple_of
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -100,5 +101,9 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int, 
         ids[b, :len(x)] = x
         lab[b, :len(y)] = y
         pos[b] = position_ids_for(seq, width)
+    flat = lab.reshape(-1)
+    index = np.flatnonzero(flat != IGNORE)
+    # Target positions are found here, on the CPU: on the GPU a boolean mask would force a sync mid-forward.
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(lab),
-            "position_ids": torch.from_numpy(pos)}
+            "position_ids": torch.from_numpy(pos), "target_index": torch.from_numpy(index),
+            "targets": torch.from_numpy(flat[index])}

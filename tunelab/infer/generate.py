@@ -143,14 +143,40 @@ def generate(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> tu
     return _trim(text, [*opts.stop_words, *chat.stop_words]).strip(), len(ids), len(new)
 
 
-def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> Iterator[str]:
-    """Yield the answer in pieces as tokens arrive; stop words are never shown, even partly."""
-    from transformers import TextIteratorStreamer
+@dataclass
+class StreamStats:
+    """Filled in by generate_stream as it runs: token counts and why generation ended."""
 
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (end of turn or stop word) or "length" (max_new_tokens reached)
+
+
+def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions,
+                    stats: StreamStats | None = None) -> Iterator[str]:
+    """Yield the answer in pieces as tokens arrive; stop words are never shown, even partly. Closing the
+    generator early (a client that went away) stops the model at its next token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class CountingStreamer(TextIteratorStreamer):
+        generated = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.generated += value.numel()
+            super().put(value)
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    stats = stats if stats is not None else StreamStats()
     ids = prompt_ids(chat, conv, opts.max_new_tokens)
-    streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    stats.prompt_tokens = len(ids)
+    streamer = CountingStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     stops = [s for s in [*opts.stop_words, *chat.stop_words] if s]
     errors: list[BaseException] = []
+    cancel = threading.Event()
 
     def run() -> None:
         try:
@@ -159,6 +185,7 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                     torch.manual_seed(opts.seed)
                 inp = torch.tensor([ids], device=chat.device)
                 chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer,
+                                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
                                     **_generate_kwargs(chat, opts))
         except BaseException as e:  # surfaced to the caller below
             errors.append(e)
@@ -167,28 +194,34 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
     with chat.lock:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        shown = 0
-        text = ""
-        stopped = False
-        for piece in streamer:
-            if stopped:
-                continue
-            text += piece
-            cut = _trim(text, stops)
-            if len(cut) < len(text):
-                stopped = True
-                text = cut
-            # hold back a tail that could be the start of a stop word
-            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            visible = len(text) - (0 if stopped else hold)
-            if visible > shown:
-                yield text[shown:visible]
-                shown = visible
-        worker.join()
-        if errors:
-            raise errors[0]
-        if not stopped and shown < len(text):
-            yield text[shown:]
+        try:
+            shown = 0
+            text = ""
+            stopped = False
+            for piece in streamer:
+                if stopped:
+                    continue
+                text += piece
+                cut = _trim(text, stops)
+                if len(cut) < len(text):
+                    stopped = True
+                    text = cut
+                # hold back a tail that could be the start of a stop word
+                hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                visible = len(text) - (0 if stopped else hold)
+                if visible > shown:
+                    yield text[shown:visible]
+                    shown = visible
+            worker.join()
+            if errors:
+                raise errors[0]
+            if not stopped and shown < len(text):
+                yield text[shown:]
+            stats.completion_tokens = streamer.generated
+            stats.finish_reason = "length" if streamer.generated >= opts.max_new_tokens and not stopped else "stop"
+        finally:
+            cancel.set()  # a consumer that stopped early: end generation before the lock is released
+            worker.join()
 
 
 def generate_batch(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,

@@ -59,8 +59,16 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
 
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.text(f"stopped: {type(exc).__name__}: {exc}")
+        self.close()
+
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self._text is None or self._text.closed:
             return
         ui.remove_warning_sink(self._on_warning)
         if ui.warning_counts:

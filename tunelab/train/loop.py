@@ -145,7 +145,8 @@ def accumulate_gradients(loss_module: torch.nn.Module, batches: list, info: dist
     loss_sum = torch.zeros((), device=device)
     step_tokens = 0
     for i, (mb, dummy) in enumerate(batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(mb, pad_id).items()}
+        batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
+                 for k, v in collate(mb, pad_id).items()}
         # DDP: average gradients across processes only after the last micro-batch
         sync = nullcontext() if (i == len(batches) - 1 or not info.enabled) else loss_module.no_sync()
         with sync:
@@ -174,171 +175,171 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
     while info.is_main and log_dir.exists():  # never reuse (and overwrite) an earlier run's log folder
         log_dir = log_dir.with_name(log_dir.name + "_1")
     logger = RunLogger(log_dir, enabled=info.is_main)
-    config_yaml = to_yaml(cfg)
-    if info.is_main:
-        (log_dir / "config.yaml").write_text(config_yaml)
-    set_seed(cfg.train.seed)
+    with logger:  # on any failure, train.log records why before the files are closed
+        config_yaml = to_yaml(cfg)
+        if info.is_main:
+            (log_dir / "config.yaml").write_text(config_yaml)
+        set_seed(cfg.train.seed)
 
-    # ---- 2. tokenizer and data --------------------------------------------------------------------------
-    model_path = resolve_model_path(cfg.model.path)
-    warn_if_remote(model_path, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    if info.is_main:
-        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    dist.barrier(info)  # rank 0 fills the cache; the others read it
-    if not info.is_main:
-        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    rows = data.rows
+        # ---- 2. tokenizer and data -------------------------------------------------------------------------------
+        model_path = resolve_model_path(cfg.model.path)
+        warn_if_remote(model_path, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        if info.is_main:
+            data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        dist.barrier(info)  # rank 0 fills the cache; the others read it
+        if not info.is_main:
+            data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        rows = data.rows
 
-    # ---- 3. model, adapters, loss -----------------------------------------------------------------------
-    dtype = choose_dtype(cfg.train.dtype, device)
-    full = cfg.model.lora is None
-    # Full fine-tuning in fp16 keeps fp32 master weights; bf16 full fine-tuning trains bf16 weights directly.
-    weight_dtype = torch.float32 if (full and dtype == torch.float16) else dtype
-    attn = choose_attention(cfg.model.attn_implementation, device)
-    model = load_model(model_path, dtype=weight_dtype, device=device, quantization=cfg.model.quantization,
-                       attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code,
-                       revision=cfg.model.revision)
-    if cfg.model.use_liger:
-        if device.type == "cuda":
-            apply_liger(model)
-        else:
-            ui.warn("liger_cpu", "model.use_liger is ignored on CPU (Liger's kernels are GPU-only)")
-    if cfg.model.gradient_checkpointing:
-        enable_checkpointing(model)
-    model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
-    model.train()
-    n_train, n_total = count_parameters(model)
-    logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
-                f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if cfg.model.quantization != 'none' else ''}"
-                f", {str(dtype).removeprefix('torch.')}, {attn}, {device}"
-                f"{f', {info.world_size} processes' if info.enabled else ''})")
-    loss_module = dist.wrap(LossModule(model, choose_loss(cfg.model.use_liger, device)), info, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # ---- 4. optimizer and schedule ----------------------------------------------------------------------
-    optimizer = build_optimizer(model, cfg.train, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    rows_per_step = cfg.train.batch_size * cfg.train.accumulative_counts * info.world_size
-    steps_per_epoch = math.ceil(len(rows) / rows_per_step)
-    total = steps_per_epoch * cfg.train.max_epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    if total < 10:
-        ui.warn("short_run", f"only {total} optimizer steps ({len(rows)} rows, {rows_per_step} rows per step); "
-                             f"warmup takes {warmup_steps(total, cfg.train.warmup_ratio)} of them")
-    state = ckpt_io.TrainState(total_steps=total, fingerprint=fingerprint(cfg, len(rows), info.world_size),
-                               log_dir=str(log_dir))
-
-    # ---- 5. resume --------------------------------------------------------------------------------------
-    if resume_from is not None:
-        old, extra = ckpt_io.load_state(resume_from)
-        diff = ckpt_io.fingerprint_diff(old.fingerprint, state.fingerprint)
-        if diff and not resume_force:
-            raise CheckpointError(f"the config differs from the run being resumed ({resume_from}):\n  "
-                                  + "\n  ".join(diff) + "\npass --resume-force to resume anyway")
-        ckpt_io.load_weights(model, resume_from)
-        ckpt_io.load_optimizer(optimizer, resume_from)
-        ckpt_io.restore_rng(resume_from, extra["rng"])
-        if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        state.step, state.tokens_seen = old.step, old.tokens_seen
-        logger.info(f"resumed from {resume_from} at step {state.step}/{total}")
-    logger.info(f"training: {total} steps ({steps_per_epoch}/epoch x {cfg.train.max_epochs} epochs"
-                f"{', capped by max_steps' if cfg.train.max_steps and total == cfg.train.max_steps else ''}), "
-                f"{rows_per_step} rows of <= {cfg.data.max_length} tokens per step; logs in {log_dir}")
-
-    chat = from_training(dist.unwrap(loss_module).model, tokenizer, get_template(cfg.data.prompt_template,
-                                                                                   tokenizer), device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    last_saved: Path | None = resume_from
-    loss_value = float("nan")
-    window: list[float] = []
-    t_window, tok_window = time.perf_counter(), 0
-    step_times: list[float] = []
-    order_cache: dict[int, np.ndarray] = {}
-
-    # ---- 6. the loop ------------------------------------------------------------------------------------
-    with StopSignal() as stop, ui.progress(total, "training") as advance:
-        advance(state.step)
-        for step in range(state.step, total):
-            t_step = time.perf_counter()
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch not in order_cache:
-                order_cache = {epoch: epoch_order(len(rows), epoch, cfg.train.seed, cfg.data.shuffle)}
-            step_rows = order_cache[epoch][k * rows_per_step:(k + 1) * rows_per_step]
-            batches = micro_batches(rows, step_rows, info, cfg.train.batch_size)
-            lr = lr_at(step, total, cfg.train)
-            set_lr(optimizer, lr)
-            loss_value, step_tokens = accumulate_gradients(loss_module, batches, info, device, autocast, scaler,
-                                                           tokenizer.pad_token_id or 0)
-
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_norm))
-            fp16_overflow = scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(grad_norm)
-            if math.isfinite(loss_value) and (math.isfinite(grad_norm) or fp16_overflow):
-                scaler.step(optimizer)  # skipped by the scaler itself on an fp16 overflow
-                state.bad_steps = 0
+        # ---- 3. model, adapters, loss ----------------------------------------------------------------------------
+        dtype = choose_dtype(cfg.train.dtype, device)
+        full = cfg.model.lora is None
+        # Full fine-tuning in fp16 keeps fp32 master weights; bf16 full fine-tuning trains bf16 weights directly.
+        weight_dtype = torch.float32 if (full and dtype == torch.float16) else dtype
+        attn = choose_attention(cfg.model.attn_implementation, device)
+        model = load_model(model_path, dtype=weight_dtype, device=device, quantization=cfg.model.quantization,
+                           attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code,
+                           revision=cfg.model.revision)
+        if cfg.model.use_liger:
+            if device.type == "cuda":
+                apply_liger(model)
             else:
-                state.bad_steps += 1
-                ui.warn("nonfinite", f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm "
-                                     f"({grad_norm}); update skipped")
-                logger.text(f"step {step + 1}: non-finite loss {loss_value} / grad norm {grad_norm}; skipped")
-                if state.bad_steps >= cfg.train.max_bad_steps:
-                    raise TrainingError(
-                        f"{state.bad_steps} consecutive steps with a non-finite loss or gradient norm "
-                        f"(step {step + 1}); stopping. Last good checkpoint: {last_saved or 'none'}. "
-                        "Try a lower train.lr or train.dtype=float32")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step + 1
-            state.tokens_seen += step_tokens * info.world_size
-            advance(1)
+                ui.warn("liger_cpu", "model.use_liger is ignored on CPU (Liger's kernels are GPU-only)")
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(model)
+        model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
+        model.train()
+        n_train, n_total = count_parameters(model)
+        logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
+                    f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if cfg.model.quantization != 'none' else ''}"
+                    f", {str(dtype).removeprefix('torch.')}, {attn}, {device}"
+                    f"{f', {info.world_size} processes' if info.enabled else ''})")
+        loss_module = dist.wrap(LossModule(model, choose_loss(cfg.model.use_liger, device)), info, device)
+        params = [p for p in model.parameters() if p.requires_grad]
 
-            # ---- logging ----
-            step_times.append(time.perf_counter() - t_step)
-            window.append(loss_value)
-            tok_window += step_tokens * info.world_size
-            now = time.perf_counter()
-            scalars = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens * info.world_size,
-                       "epoch": epoch + (k + 1) / steps_per_epoch}
-            if state.step % cfg.runtime.log_interval == 0 or state.step == total:
-                sec_per_step = float(np.median(step_times[-50:]))
-                scalars.update(tokens_per_s=tok_window / max(now - t_window, 1e-9), memory_gib=memory_gib(device),
-                               eta_s=sec_per_step * (total - state.step))
-                logger.info(f"step {state.step}/{total} | loss {np.mean(window):.4f} | lr {lr:.3e} | "
-                            f"grad {grad_norm:.3f} | {scalars['tokens_per_s']:,.0f} tok/s | "
-                            f"mem {scalars['memory_gib']:.2f} GiB | eta {format_duration(scalars['eta_s'])}")
-                window, t_window, tok_window = [], now, 0
-            logger.scalars(state.step, scalars)
+        # ---- 4. optimizer and schedule ---------------------------------------------------------------------------
+        optimizer = build_optimizer(model, cfg.train, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        rows_per_step = cfg.train.batch_size * cfg.train.accumulative_counts * info.world_size
+        steps_per_epoch = math.ceil(len(rows) / rows_per_step)
+        total = steps_per_epoch * cfg.train.max_epochs
+        if cfg.train.max_steps:
+            total = min(total, cfg.train.max_steps)
+        if total < 10:
+            ui.warn("short_run", f"only {total} optimizer steps ({len(rows)} rows, {rows_per_step} rows per step); "
+                                 f"warmup takes {warmup_steps(total, cfg.train.warmup_ratio)} of them")
+        state = ckpt_io.TrainState(total_steps=total, fingerprint=fingerprint(cfg, len(rows), info.world_size),
+                                   log_dir=str(log_dir))
 
-            # ---- evaluation and checkpoints ----
-            stop_now = dist.broadcast_flag(stop.signum is not None, info, device)
-            if cfg.runtime.evaluation_inputs and state.step % cfg.runtime.evaluation_freq == 0 \
-                    and state.step != total and not stop_now:
-                _evaluate(chat, cfg, info, logger, state.step)
-            # no periodic save inside a streak of skipped updates: the last good checkpoint stays the newest
-            periodic = state.step % cfg.runtime.save_steps == 0 and state.bad_steps == 0
-            if periodic or state.step == total or stop_now:
-                last_saved = _save(work_dir, state, model, optimizer, scaler, config_yaml, cfg, info, logger)
-            if stop_now:
-                signum = stop.signum or signal.SIGTERM
-                raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {state.step}/{total}; "
-                                  f"checkpoint saved: {last_saved}; continue with: tunelab train CONFIG "
-                                  f"--work-dir {work_dir} --resume", exit_code=128 + int(signum))
+        # ---- 5. resume -------------------------------------------------------------------------------------------
+        if resume_from is not None:
+            old, extra = ckpt_io.load_state(resume_from)
+            diff = ckpt_io.fingerprint_diff(old.fingerprint, state.fingerprint)
+            if diff and not resume_force:
+                raise CheckpointError(f"the config differs from the run being resumed ({resume_from}):\n  "
+                                      + "\n  ".join(diff) + "\npass --resume-force to resume anyway")
+            ckpt_io.load_weights(model, resume_from)
+            ckpt_io.load_optimizer(optimizer, resume_from)
+            ckpt_io.restore_rng(resume_from, extra["rng"])
+            if extra.get("scaler"):
+                scaler.load_state_dict(extra["scaler"])
+            state.step, state.tokens_seen = old.step, old.tokens_seen
+            logger.info(f"resumed from {resume_from} at step {state.step}/{total}")
+        logger.info(f"training: {total} steps ({steps_per_epoch}/epoch x {cfg.train.max_epochs} epochs"
+                    f"{', capped by max_steps' if cfg.train.max_steps and total == cfg.train.max_steps else ''}), "
+                    f"{rows_per_step} rows of <= {cfg.data.max_length} tokens per step; logs in {log_dir}")
 
-    # ---- 7. the end -------------------------------------------------------------------------------------
-    if cfg.runtime.evaluation_inputs:
-        _evaluate(chat, cfg, info, logger, state.step)
-    if info.is_main:
-        png = plot_loss(log_dir / "scalars.jsonl", log_dir / "loss_curve.png")
-        if png:
-            logger.info(f"loss curve: {png}")
-    logger.info(f"done: {state.step} steps, final loss {loss_value:.4f}; checkpoint {last_saved}")
-    logger.close()
-    dist.teardown(info)
-    assert last_saved is not None
-    return RunResult(work_dir, log_dir, last_saved, state.step, loss_value)
+        chat = from_training(dist.unwrap(loss_module).model, tokenizer, get_template(cfg.data.prompt_template,
+                                                                                       tokenizer), device)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        last_saved: Path | None = resume_from
+        loss_value = float("nan")
+        window: list[float] = []
+        t_window, tok_window = time.perf_counter(), 0
+        step_times: list[float] = []
+        order_cache: dict[int, np.ndarray] = {}
+
+        # ---- 6. the loop -----------------------------------------------------------------------------------------
+        with StopSignal() as stop, ui.progress(total, "training") as advance:
+            advance(state.step)
+            for step in range(state.step, total):
+                t_step = time.perf_counter()
+                epoch, k = divmod(step, steps_per_epoch)
+                if epoch not in order_cache:
+                    order_cache = {epoch: epoch_order(len(rows), epoch, cfg.train.seed, cfg.data.shuffle)}
+                step_rows = order_cache[epoch][k * rows_per_step:(k + 1) * rows_per_step]
+                batches = micro_batches(rows, step_rows, info, cfg.train.batch_size)
+                lr = lr_at(step, total, cfg.train)
+                set_lr(optimizer, lr)
+                loss_value, step_tokens = accumulate_gradients(loss_module, batches, info, device, autocast, scaler,
+                                                               tokenizer.pad_token_id or 0)
+
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_norm))
+                fp16_overflow = scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(grad_norm)
+                if math.isfinite(loss_value) and (math.isfinite(grad_norm) or fp16_overflow):
+                    scaler.step(optimizer)  # skipped by the scaler itself on an fp16 overflow
+                    state.bad_steps = 0
+                else:
+                    state.bad_steps += 1
+                    ui.warn("nonfinite", f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm "
+                                         f"({grad_norm}); update skipped")
+                    logger.text(f"step {step + 1}: non-finite loss {loss_value} / grad norm {grad_norm}; skipped")
+                    if state.bad_steps >= cfg.train.max_bad_steps:
+                        raise TrainingError(
+                            f"{state.bad_steps} consecutive steps with a non-finite loss or gradient norm "
+                            f"(step {step + 1}); stopping. Last good checkpoint: {last_saved or 'none'}. "
+                            "Try a lower train.lr or train.dtype=float32")
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.step = step + 1
+                state.tokens_seen += step_tokens * info.world_size
+                advance(1)
+
+                # ---- logging ---------------------------------------------------------------------------------------------
+                step_times.append(time.perf_counter() - t_step)
+                window.append(loss_value)
+                tok_window += step_tokens * info.world_size
+                now = time.perf_counter()
+                scalars = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens * info.world_size,
+                           "epoch": epoch + (k + 1) / steps_per_epoch}
+                if state.step % cfg.runtime.log_interval == 0 or state.step == total:
+                    sec_per_step = float(np.median(step_times[-50:]))
+                    scalars.update(tokens_per_s=tok_window / max(now - t_window, 1e-9), memory_gib=memory_gib(device),
+                                   eta_s=sec_per_step * (total - state.step))
+                    logger.info(f"step {state.step}/{total} | loss {np.mean(window):.4f} | lr {lr:.3e} | "
+                                f"grad {grad_norm:.3f} | {scalars['tokens_per_s']:,.0f} tok/s | "
+                                f"mem {scalars['memory_gib']:.2f} GiB | eta {format_duration(scalars['eta_s'])}")
+                    window, t_window, tok_window = [], now, 0
+                logger.scalars(state.step, scalars)
+
+                # ---- evaluation and checkpoints --------------------------------------------------------------------------
+                stop_now = dist.broadcast_flag(stop.signum is not None, info, device)
+                if cfg.runtime.evaluation_inputs and state.step % cfg.runtime.evaluation_freq == 0 \
+                        and state.step != total and not stop_now:
+                    _evaluate(chat, cfg, info, logger, state.step)
+                # no periodic save inside a streak of skipped updates: the last good checkpoint stays the newest
+                periodic = state.step % cfg.runtime.save_steps == 0 and state.bad_steps == 0
+                if periodic or state.step == total or stop_now:
+                    last_saved = _save(work_dir, state, model, optimizer, scaler, config_yaml, cfg, info, logger)
+                if stop_now:
+                    signum = stop.signum or signal.SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {state.step}/{total}; "
+                                      f"checkpoint saved: {last_saved}; continue with: tunelab train CONFIG "
+                                      f"--work-dir {work_dir} --resume", exit_code=128 + int(signum))
+
+        # ---- 7. the end ------------------------------------------------------------------------------------------
+        if cfg.runtime.evaluation_inputs:
+            _evaluate(chat, cfg, info, logger, state.step)
+        if info.is_main:
+            png = plot_loss(log_dir / "scalars.jsonl", log_dir / "loss_curve.png")
+            if png:
+                logger.info(f"loss curve: {png}")
+        logger.info(f"done: {state.step} steps, final loss {loss_value:.4f}; checkpoint {last_saved}")
+        dist.teardown(info)
+        assert last_saved is not None
+        return RunResult(work_dir, log_dir, last_saved, state.step, loss_value)
 
 
 def _find_resume_checkpoint(work_dir: Path, resume: str | bool) -> Path | None:

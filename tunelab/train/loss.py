@@ -46,10 +46,17 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=False).last_hidden_state
-    keep = labels != IGNORE
-    logits = head(hidden[keep]).float()
-    loss = F.cross_entropy(logits, labels[keep], reduction="sum")
-    return loss, keep.sum()
+    h, targets = _target_hidden(hidden, batch)
+    logits = head(h).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), targets.new_tensor(targets.numel())
+
+
+def _target_hidden(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states at target positions, gathered by an index computed on the CPU (no device sync)."""
+    if "target_index" in batch:
+        return hidden.reshape(-1, hidden.size(-1)).index_select(0, batch["target_index"]), batch["targets"]
+    keep = batch["labels"] != IGNORE
+    return hidden[keep], batch["labels"][keep]
 
 
 def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,13 +67,11 @@ def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     if parts is None:
         return causal_lm_loss(model, batch)
     decoder, head = parts
-    labels = batch["labels"]
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=False).last_hidden_state
-    keep = labels != IGNORE
+    h, targets = _target_hidden(hidden, batch)
     fused = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
-    h = hidden[keep]
-    return fused(head.weight, h, labels[keep], head.bias), keep.sum()
+    return fused(head.weight, h, targets, head.bias), targets.new_tensor(targets.numel())
 
 
 def choose_loss(use_liger: bool, device: torch.device) -> LossFn:

@@ -1,0 +1,46 @@
+"""Self-cognition data: enough phrasings in both languages, a held-out set never used, answers naming the
+owner, deterministic by seed, mixing at a ratio."""
+
+from tunelab.data.formats import to_sample
+from tunelab.data.selfcog import GENERAL_HELD_OUT, GENERAL_TRAIN, IDENTITY_HELD_OUT, IDENTITY_TRAIN, \
+    general_records, identity_records, mix
+from tunelab.infer.selfcog_eval import is_hijacked, names_owner
+
+
+def test_phrasings_cover_both_languages_and_hold_out_a_set():
+    train = [q for qs in IDENTITY_TRAIN.values() for q in qs]
+    held = [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
+    assert len(set(train)) >= 40 and len(IDENTITY_TRAIN["zh"]) >= 20 and len(IDENTITY_TRAIN["en"]) >= 20
+    assert not set(train) & set(held) and len(held) >= 16
+    assert len(GENERAL_HELD_OUT) >= 20 and not set(GENERAL_TRAIN) & set(GENERAL_HELD_OUT)
+    records = identity_records("Ada", seed=0)
+    asked = {r["messages"][0]["content"] for r in records}
+    assert asked == set(train)  # every phrasing is used, and no held-out one
+
+
+def test_records_are_valid_name_the_owner_and_are_deterministic():
+    a = identity_records("Ada", model_desc="a test model", seed=3)
+    assert a == identity_records("Ada", model_desc="a test model", seed=3)
+    assert a != identity_records("Ada", model_desc="a test model", seed=4)
+    for r in a:
+        conv = to_sample(r, "openai")
+        answer = conv.messages[-1].content
+        assert names_owner(answer, "Ada") and "a test model" in answer
+    zh = [r for r in a if any("\u4e00" <= ch <= "\u9fff" for ch in r["messages"][0]["content"])]
+    assert zh and all("Ada" in r["messages"][1]["content"] for r in zh)
+
+
+def test_mix_reaches_the_ratio():
+    ident = identity_records("Ada", n=60)
+    general = general_records(["q1", "q2", "q3"], ["a1", "a2", "a3"])
+    out = mix(ident, general, 0.25, seed=1)
+    n_general = sum(1 for r in out if r["messages"][0]["content"].startswith("q"))
+    assert len(out) == 80 and n_general == 20
+
+
+def test_owner_matching_and_hijack_detection():
+    assert names_owner("I am Ada's assistant", "Ada") and names_owner("我是Ada的小助手", "Ada")
+    assert not names_owner("Canada is large", "Ada")
+    assert is_hijacked("我是Ada的小助手", "Ada")
+    assert is_hijacked("月亮是一名小助手，一个用 tunelab 微调的小型语言模型。", "Ada")  # repeats the identity
+    assert not is_hijacked("The capital of Japan is Tokyo.", "Ada")

@@ -1,0 +1,44 @@
+"""The command line itself: version, env, list-cfg, copy-cfg, --debug, usage errors and exit codes."""
+
+from tests.conftest import run_cli
+
+
+def test_version_and_env():
+    res = run_cli("version")
+    assert res.returncode == 0 and res.stdout.strip() == "tunelab 0.1.0"
+    res = run_cli("env")
+    assert res.returncode == 0
+    for key in ("tunelab", "torch", "transformers", "peft", "bitsandbytes", "datasets", "cuda", "cache"):
+        assert any(line.startswith(key) for line in res.stdout.splitlines()), key
+
+
+def test_list_cfg_and_copy_cfg(tmp_path):
+    res = run_cli("list-cfg", "-p", "internlm2_chat_1_8b")
+    assert res.returncode == 0
+    names = res.stdout.split()
+    assert "internlm2_chat_1_8b_qlora_alpaca_e3" in names and all("internlm2_chat_1_8b" in n for n in names)
+    res = run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_alpaca_e3", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "internlm2_chat_1_8b_qlora_alpaca_e3_copy.yaml"
+    assert out.exists() and "prompt_template: internlm2_chat" in out.read_text()
+    before = out.read_text()
+    res = run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_alpaca_e3", str(tmp_path))
+    assert res.returncode == 1 and "already exists" in res.stderr and out.read_text() == before
+    res = run_cli("list-cfg", "-p", "no_such_model")
+    assert res.returncode == 1 and "no built-in config matches" in res.stderr
+
+
+def test_errors_are_one_line_unless_debug(tmp_path):
+    res = run_cli("train", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'} " \
+                                 "(tunelab list-cfg lists built-in ones)"
+    res = run_cli("--debug", "train", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run_cli("train").returncode == 2
+    assert run_cli("convert", "merge", "only-one-arg").returncode == 2
+    res = run_cli("chat", "m", "--bits", "3")
+    assert res.returncode == 2 and "invalid choice" in res.stderr
