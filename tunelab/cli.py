@@ -295,7 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ensure_port_free(args.host, args.port)  # before the (slow) model load
     return serve_api(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
-                     defaults=_generation_options(args), model_name=args.model_name)
+                     defaults=_generation_options(args), model_name=args.model_name, max_batch=args.max_batch)
 
 
 def cmd_export_app(args: argparse.Namespace) -> int:
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--port", type=int, default=port)
         if name == "serve":
             s.add_argument("--model-name", help="the model id reported by /v1/models (default: folder name)")
+            s.add_argument("--max-batch", type=int, default=8,
+                           help="queued greedy requests answered together (1: one at a time)")
         s.set_defaults(func=cmd_web if name == "web" else cmd_serve)
     s = sub.add_parser("export-app", help="write a folder deployable as a Gradio app (e.g. a hub Space)")
     s.add_argument("model")

@@ -26,10 +26,12 @@ from tunelab.train.loop import train
 
 DEMO_CONFIG = "smollm2_135m_instruct_lora_self_cognition_e3"
 QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?"]
-# Tuned on the 2-core CI machine (tunelab eval self-cognition: 94% identity, 100% general answers kept; see
-# BENCHMARKS.md): about six minutes of training.
+# Tuned on the 2-core CI machine (BENCHMARKS.md, "Self-cognition"): 94% of held-out identity questions answered
+# with the owner's name, 100% of held-out general questions not hijacked, about 4.5 minutes of training. LoRA on
+# the top 15 of 30 layers only: backward stops halfway, 1.6x faster than all layers at the same scores.
 DEMO_OVERRIDES = ["train.max_epochs=4", "train.accumulative_counts=2", "train.batch_size=4", "data.max_length=256",
-                  "runtime.log_interval=5", "runtime.save_steps=1000", "runtime.evaluation_inputs=[]"]
+                  "model.lora.layers_to_transform=15", "runtime.log_interval=5", "runtime.save_steps=1000",
+                  "runtime.evaluation_inputs=[]"]
 GENERAL_RATIO = 0.45
 
 

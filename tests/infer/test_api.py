@@ -241,3 +241,38 @@ def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], r.stderr
+
+
+def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> None:
+    """Eight requests in flight at once: the batcher answers the queued ones together (fewer model calls than
+    requests), and each answer equals the one the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunelab.infer import api as api_module
+    from tunelab.infer.api import build_api
+    from tunelab.infer.generate import GenerationOptions
+
+    calls: list[int] = []
+    real_many = api_module.generate_many
+
+    def counting(chat, convs, opts, batch_size=16):
+        calls.append(len(convs))
+        return real_many(chat, convs, opts, batch_size)
+
+    api_module.generate_many = counting
+    try:
+        app = build_api(real_chat, defaults=GenerationOptions(max_new_tokens=12), max_batch=8)
+        with api_in_thread(app) as base:
+            body = {"model": "m", "temperature": 0, "max_tokens": 12,
+                    "messages": [{"role": "user", "content": QUESTION}]}
+            alone = httpx.post(base + "/v1/chat/completions", json=body, timeout=300, trust_env=False).json()
+            calls.clear()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: httpx.post(base + "/v1/chat/completions", json=body, timeout=300,
+                                                             trust_env=False).json(), range(8)))
+    finally:
+        api_module.generate_many = real_many
+    want = alone["choices"][0]["message"]["content"]
+    assert all(a["choices"][0]["message"]["content"] == want for a in answers)
+    assert all(a["usage"] == alone["usage"] for a in answers)
+    assert sum(calls) == 8 and len(calls) < 8 and max(calls) > 1, calls

@@ -2,9 +2,10 @@
 
 This module owns the HTTP side only: `GET /v1/models`, `POST /v1/chat/completions` (whole or streamed as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), request checking, and OpenAI-style
-error bodies (`{"error": {"message", "type", "param", "code"}}`). Answers come from `generate` and
-`generate_stream`; the model's lock serves requests one at a time, and generation runs in worker threads so the
-event loop keeps accepting, streaming and rejecting requests meanwhile.
+error bodies (`{"error": {"message", "type", "param", "code"}}`). Answers come from `generate_many` (whole
+answers, queued in arrival order and batched when they ask for the same greedy generation: `Batcher`) and
+`generate_stream` (streamed ones, one at a time under the model's lock). Generation runs in worker threads, so
+the event loop keeps accepting, streaming and rejecting requests meanwhile.
 
 `build_api` returns the app (tests use it); `serve_api` binds it. `ensure_port_free` is shared with the web page.
 """
@@ -18,7 +19,9 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import replace
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -29,8 +32,8 @@ from starlette.exceptions import HTTPException
 
 from tunelab.data.encode import encode_for_generation
 from tunelab.errors import TunelabError
-from tunelab.infer.generate import ChatModel, GenerationOptions, PromptTooLong, StreamStats, conversation, \
-    generate, generate_stream
+from tunelab.infer.generate import ChatModel, Generated, GenerationOptions, PromptTooLong, StreamStats, \
+    conversation, generate_many, generate_stream
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt that fits a context; stops memory abuse early
 MAX_STOP_WORDS = 4  # OpenAI's own limit
@@ -204,16 +207,73 @@ def parse_request(body: Any, chat: ChatModel, defaults: GenerationOptions, syste
     return conv, opts, stream, include_usage, n_prompt
 
 
+# ---------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Job:
+    conv: Any
+    opts: GenerationOptions
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """Serves whole (non-streamed) completions in arrival order on one worker thread. When the model frees up,
+    the request at the head of the queue runs together with the queued requests behind it that ask for the same
+    greedy generation (the simple case: one set of options, no sampling); a CPU answers eight such requests in
+    one batch much faster than one after another."""
+
+    def __init__(self, chat: ChatModel, max_batch: int = 8):
+        self.chat = chat
+        self.max_batch = max_batch
+        self.pending: deque[_Job] = deque()
+        self.cond = threading.Condition()
+        threading.Thread(target=self._serve, name="tunelab-batcher", daemon=True).start()
+
+    def submit(self, conv: Any, opts: GenerationOptions) -> Future:
+        job = _Job(conv, opts)
+        with self.cond:
+            self.pending.append(job)
+            self.cond.notify()
+        return job.future
+
+    def _take(self) -> list[_Job]:
+        with self.cond:
+            while not self.pending:
+                self.cond.wait()
+            head = self.pending.popleft()
+            batch, skipped = [head], []
+            if head.opts.temperature == 0:
+                while self.pending and len(batch) < self.max_batch:
+                    job = self.pending.popleft()
+                    (batch if job.opts == head.opts else skipped).append(job)
+                self.pending.extendleft(reversed(skipped))  # the others keep their place in line
+            return batch
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                results = generate_many(self.chat, [j.conv for j in batch], batch[0].opts, batch_size=len(batch))
+            except BaseException as e:  # handed to every request of the batch
+                for j in batch:
+                    j.future.set_exception(e)
+                continue
+            for j, r in zip(batch, results):
+                j.future.set_result(r)
+
+
 # ---------------------------------------------------------------------------------------------- app
 
 
 def build_api(chat: ChatModel, system: str | None = None, defaults: GenerationOptions | None = None,
-              model_name: str | None = None) -> Any:
+              model_name: str | None = None, max_batch: int = 8) -> Any:
     """The FastAPI app (unbound)."""
     defaults = defaults or GenerationOptions()
     model_id = model_name or chat.name
     created = int(time.time())
     app = FastAPI(title=f"tunelab serve: {model_id}", docs_url=None, redoc_url=None, openapi_url=None)
+    batcher = Batcher(chat, max(1, max_batch))
 
     def fail(e: RequestError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
@@ -280,25 +340,22 @@ def build_api(chat: ChatModel, system: str | None = None, defaults: GenerationOp
         now = int(time.time())
         if not stream:
             try:
-                text, n_in, n_out = await run_in_threadpool(generate, chat, conv, opts)
+                g: Generated = await asyncio.wrap_future(batcher.submit(conv, opts))
             except PromptTooLong as e:
                 return fail(RequestError(str(e), param="messages", code="context_length_exceeded"))
             return {
                 "id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": _finish_reason(n_out, opts)}],
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None},
+                             "logprobs": None, "finish_reason": g.finish_reason}],
+                "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                          "total_tokens": g.prompt_tokens + g.completion_tokens},
             }
         return StreamingResponse(_sse(chat, conv, opts, cid, now, model_id, include_usage, n_prompt),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
-
-
-def _finish_reason(n_out: int, opts: GenerationOptions) -> str:
-    return "length" if n_out >= opts.max_new_tokens else "stop"
 
 
 async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamStats) -> AsyncIterator[str]:
@@ -378,12 +435,12 @@ async def _sse(chat: ChatModel, conv, opts: GenerationOptions, cid: str, created
 
 
 def serve_api(chat: ChatModel, host: str, port: int, system: str | None, defaults: GenerationOptions,
-              model_name: str | None = None) -> int:
+              model_name: str | None = None, max_batch: int = 8) -> int:
     """Serve the API on host:port until Ctrl-C."""
     import uvicorn
 
     sock = _bind(host, port)  # bound here, so "port in use" is our one-line error, not uvicorn's exit
-    app = build_api(chat, system, defaults, model_name)
+    app = build_api(chat, system, defaults, model_name, max_batch)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             h11_max_incomplete_event_size=64 * 1024)
     server = uvicorn.Server(config)

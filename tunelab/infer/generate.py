@@ -130,17 +130,48 @@ def _trim(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+@dataclass
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop word) or "length" (max_new_tokens reached)
+
+
 def generate(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> tuple[str, int, int]:
     """(answer, prompt tokens, generated tokens)."""
-    ids = prompt_ids(chat, conv, opts.max_new_tokens)
-    with chat.lock, torch.inference_mode():
-        if opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        inp = torch.tensor([ids], device=chat.device)
-        out = chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **_generate_kwargs(chat, opts))
-    new = out[0, len(ids):].tolist()
-    text = chat.tokenizer.decode(new, skip_special_tokens=True)
-    return _trim(text, [*opts.stop_words, *chat.stop_words]).strip(), len(ids), len(new)
+    g = generate_many(chat, [conv], opts)[0]
+    return g.text, g.prompt_tokens, g.completion_tokens
+
+
+def generate_many(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,
+                  batch_size: int = 16) -> list[Generated]:
+    """Answers for many conversations, batched with left padding (one batch of one is plain generation)."""
+    out: list[Generated] = []
+    pad = chat.tokenizer.pad_token_id
+    stops = [*opts.stop_words, *chat.stop_words]
+    kwargs = _generate_kwargs(chat, opts)
+    ends = set(kwargs["eos_token_id"])
+    for start in range(0, len(convs), batch_size):
+        group = [prompt_ids(chat, c, opts.max_new_tokens) for c in convs[start:start + batch_size]]
+        width = max(map(len, group))
+        inp = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, ids in enumerate(group):
+            inp[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        with chat.lock, torch.inference_mode():
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            gen = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device), **kwargs)
+        for ids, row in zip(group, gen[:, width:].tolist()):
+            # a finished row is padded to the longest: count up to and including its end-of-turn token
+            n = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+            raw = chat.tokenizer.decode(row[:n], skip_special_tokens=True)
+            text = _trim(raw, stops)
+            reason = "stop" if n < len(row) or len(text) < len(raw) or n < opts.max_new_tokens else "length"
+            out.append(Generated(text.strip(), len(ids), n, reason))
+    return out
 
 
 @dataclass
@@ -226,27 +257,8 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
 
 def generate_batch(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,
                    batch_size: int = 16) -> list[str]:
-    """Greedy or sampled answers for many conversations, batched with left padding."""
-    answers: list[str] = []
-    pad = chat.tokenizer.pad_token_id
-    stops = [*opts.stop_words, *chat.stop_words]
-    for start in range(0, len(convs), batch_size):
-        group = [prompt_ids(chat, c, opts.max_new_tokens) for c in convs[start:start + batch_size]]
-        width = max(map(len, group))
-        inp = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, ids in enumerate(group):
-            inp[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        with chat.lock, torch.inference_mode():
-            if opts.seed is not None:
-                torch.manual_seed(opts.seed)
-            out = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device),
-                                      **_generate_kwargs(chat, opts))
-        for row in out[:, width:].tolist():
-            text = chat.tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(_trim(text, stops).strip())
-    return answers
+    """Just the answers of generate_many (evaluation, replay data, the demo)."""
+    return [g.text for g in generate_many(chat, convs, opts, batch_size)]
 
 
 def from_training(model: Any, tokenizer: Any, renderer: Renderer, device: torch.device) -> ChatModel:
