@@ -316,6 +316,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="a YAML config file or a built-in config name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (data.max_length=512)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune LLMs with QLoRA, LoRA or full fine-tuning.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and library messages")
@@ -336,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_copy_cfg)
 
-    s = sub.add_parser("train", help="fine-tune with a config")
-    s.add_argument("config", help="a YAML config file or a built-in config name")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (data.max_length=512)")
+    s = _with_config(sub.add_parser("train", help="fine-tune with a config"))
     s.add_argument("--work-dir", help="run folder (default: work_dirs/<config name>)")
     s.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue from CKPT, or from the work dir's last checkpoint")
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config")
         s.add_argument("checkpoint", help="iter_N folder (iter_N.pth accepted) or the run's work dir")
         s.add_argument("out")
-        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
         s.add_argument("--overwrite", action="store_true")
         s.set_defaults(func=cmd_convert_to_hf)
     s = csub.add_parser("merge", help="merge a PEFT adapter into its base model")
@@ -392,9 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".jsonl or .json file")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_data_self_cognition)
-    s = dsub.add_parser("prepare", help="tokenise, pack and cache a config's data ahead of training")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s = _with_config(dsub.add_parser("prepare", help="tokenise, pack and cache a config's data ahead of training"))
     s.set_defaults(func=cmd_data_prepare)
     s = dsub.add_parser("convert", help="convert a dataset file between formats")
     s.add_argument("input")
@@ -421,14 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval_self_cognition)
 
     for alias in ("check-dataset", "check-custom-dataset"):
-        s = sub.add_parser(alias, help="read every record, report bad ones, count tokens, plot sample lengths")
-        s.add_argument("config")
-        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s = _with_config(sub.add_parser(alias, help="read every record, report bad ones, count tokens, plot "
+                                                   "sample lengths"))
         s.add_argument("--hist", help="where to save the length histogram PNG (default: <config>_lengths.png)")
         s.set_defaults(func=cmd_check_dataset)
-    s = sub.add_parser("log-dataset", help="print rendered samples with the no-loss spans marked")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s = _with_config(sub.add_parser("log-dataset", help="print rendered samples with the no-loss spans marked"))
     s.add_argument("-n", type=int, default=3, help="how many samples")
     s.set_defaults(func=cmd_log_dataset)
 

@@ -187,3 +187,17 @@ def build_other_base(out: Path, vocab_size: int) -> Path:
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     return out
+
+
+def assert_port_in_use_error(command: str, model_dir: Path) -> None:
+    """`tunelab web|serve` on a taken port: exit 1 with one error line, before loading the model."""
+    from tests.conftest import run_cli
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        r = run_cli(command, str(model_dir), "--port", str(port), "--device", "cpu", timeout=180)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], r.stderr

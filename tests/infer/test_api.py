@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.infer.support import api_in_thread, free_port
+from tests.conftest import ROOT
+from tests.infer.support import assert_port_in_use_error, api_in_thread
 
 QUESTION = "What is the capital of France?"
 
@@ -233,14 +232,7 @@ def test_bounded_load_zero_failures(base_url: str) -> None:
 
 
 def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-        s.listen()
-        r = run_cli("serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu", timeout=180)
-    assert r.returncode == 1
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], r.stderr
+    assert_port_in_use_error("serve", tiny_model_dir)
 
 
 def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> None:

@@ -3,14 +3,12 @@ loopback port. Chromium must be installed (`apt-get install -y chromium`); witho
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.infer.support import free_port, server_process, tunelab_cmd
+from tests.infer.support import assert_port_in_use_error, free_port, server_process, tunelab_cmd
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -112,14 +110,7 @@ def test_web_page_answers_in_browser(default_model_dir: Path, tmp_path: Path) ->
 
 
 def test_web_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-        s.listen()
-        r = run_cli("web", str(tiny_model_dir), "--port", str(port), "--device", "cpu", timeout=180)
-    assert r.returncode == 1
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], r.stderr
+    assert_port_in_use_error("web", tiny_model_dir)
 
 
 def test_page_builds_and_reports_a_too_long_prompt(tiny_model_dir: Path) -> None:
