@@ -38,7 +38,8 @@ class ModelSettings(Section):
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora: LoraSettings | None = Field(default_factory=LoraSettings)
     gradient_checkpointing: bool = True
-    # "auto": flex attention on GPU when available, else SDPA. Packed samples never attend to each other.
+    # "auto" is SDPA everywhere; flex_attention (GPU) is opt-in until it is measured faster across models.
+    # Every backend keeps packed samples apart: position ids restart per sample.
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     # Liger fused kernels (GPU only, needs liger-kernel): fused linear cross-entropy, RMSNorm, RoPE, SwiGLU.
     use_liger: bool = False

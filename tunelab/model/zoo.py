@@ -95,9 +95,13 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32)
+        except Exception as e:
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"cannot read the GGUF file {gguf}: {detail[:200]}") from None
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights we save are plain; this tag would mislead loaders
