@@ -1,5 +1,7 @@
 """The command line itself: version, env, list-cfg, copy-cfg, --debug, usage errors and exit codes."""
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -35,6 +37,8 @@ def test_errors_are_one_line_unless_debug(tmp_path):
                                  "(tunelab list-cfg lists built-in ones)"
     res = run_cli("--debug", "train", str(tmp_path / "missing.yaml"))
     assert res.returncode == 1 and "Traceback" in res.stderr
+    res = run_cli("train", str(tmp_path / "missing.yaml"), "--debug")  # after the command too
+    assert res.returncode == 1 and "Traceback" in res.stderr
 
 
 def test_usage_errors_exit_2():
@@ -42,3 +46,16 @@ def test_usage_errors_exit_2():
     assert run_cli("convert", "merge", "only-one-arg").returncode == 2
     res = run_cli("chat", "m", "--bits", "3")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("chat", "m", "--top-k", "-1"), "argument --top-k: must be >= 0 (got -1)"),
+    (("chat", "m", "--max-new-tokens", "0"), "argument --max-new-tokens: must be >= 1 (got 0)"),
+    (("chat", "m", "--repetition-penalty", "0"), "argument --repetition-penalty: must be > 0 (got 0)"),
+    (("chat", "m", "--top-p", "1.5"), "argument --top-p: must be > 0 and <= 1 (got 1.5)"),
+    (("serve", "m", "--port", "70000"), "argument --port: must be >= 0 and <= 65535 (got 70000)"),
+    (("web", "m", "--temperature", "warm"), "argument --temperature: not a number: warm"),
+])
+def test_bad_generation_flags_are_usage_errors(args, message):
+    res = run_cli(*args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr

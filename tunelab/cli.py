@@ -72,16 +72,30 @@ def _generation_options(args: argparse.Namespace):
                              stop_words=list(args.stop_words or []))
 
 
+def _in_range(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a number of `kind` in [low, high] (or (low, high] with low_open)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
+        if (v <= low if low_open else v < low) or (high is not None and v > high):
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {text})")
+        return v
+    return parse
+
+
 def _add_generation_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
     p.add_argument("--prompt-template", help="XTuner template name or 'hf' (default: the tokenizer's own)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized to 4 or 8 bits")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=_in_range(float, 0, 100), default=temperature, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=_in_range(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=_in_range(int, 0), default=0, help="0 = no top-k filtering")
+    p.add_argument("--repetition-penalty", type=_in_range(float, 0, low_open=True), default=1.0)
+    p.add_argument("--max-new-tokens", type=_in_range(int, 1), default=512)
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop-words", nargs="*", default=[], help="extra strings that end an answer")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
@@ -201,12 +215,25 @@ def cmd_data_self_cognition(args: argparse.Namespace) -> int:
     from tunelab.data.convert import write_records
     from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_records, mix
 
+    if not args.name.strip():
+        raise TunelabError("--name: the owner's name must not be empty")
+    if not 0 <= args.general_ratio < 1:
+        raise TunelabError(f"--general-ratio must be at least 0 and below 1, got {args.general_ratio}")
+    if args.n is not None and args.n < 1:
+        raise TunelabError(f"--n must be at least 1, got {args.n}")
     records = identity_records(args.name, args.model_desc, n=args.n, seed=args.seed, system=args.system)
     general: list[dict] = []
     if args.general:
-        from tunelab.data.convert import read_as_records
+        from tunelab.data.convert import read_as_samples
+        from tunelab.data.formats import Document, to_openai_record
+        from tunelab.errors import DataError
 
-        general = read_as_records(args.general)
+        # Any readable format, converted like `data convert` does, so the output is in one format.
+        for where, sample in read_as_samples(args.general, hint="use openai, alpaca, sharegpt, conversation or "
+                                                                "oasst1 records"):
+            if isinstance(sample, Document):
+                raise DataError(f"{where}: --general needs question-answer records, not plain text")
+            general.append(to_openai_record(sample))
     if args.replay_model:
         from tunelab.demo import replay_answers
 
@@ -437,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("model")
         _add_generation_args(s)
         s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-        s.add_argument("--port", type=int, default=port)
+        s.add_argument("--port", type=_in_range(int, 0, 65535), default=port)
         if name == "serve":
             s.add_argument("--model-name", help="the model id reported by /v1/models (default: folder name)")
             s.add_argument("--max-batch", type=int, default=8,
@@ -464,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may come after options (`train cfg.yaml --work-dir w data.max_length=512`).
+    if "--debug" in extra:  # also accepted after the command (`tunelab train cfg.yaml --debug`)
+        extra = [x for x in extra if x != "--debug"]
+        args.debug = True
     if extra:
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]

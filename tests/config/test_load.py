@@ -118,3 +118,35 @@ def test_missing_data_section_and_file(tmp_path):
 def test_qlora_without_lora_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="QLoRA"):
         load_config(write(tmp_path, BASE.format(model="m")), ["model.quantization=nf4", "model.lora=null"])
+
+
+def test_dataset_entries_take_unset_options_from_the_data_section(tmp_path):
+    text = BASE.format(model="m").replace("  path: data.jsonl\n", """\
+  format: alpaca
+  split: validation
+  max_samples: 5
+  datasets:
+    - path: data.jsonl
+    - path: data.jsonl
+      format: openai
+      split: train
+      max_samples: 2
+""")
+    specs = load_config(write(tmp_path, text)).data.specs()
+    assert [(s.format, s.split, s.max_samples) for s in specs] == [("alpaca", "validation", 5), ("openai", "train", 2)]
+
+
+def test_overrides_index_into_lists(tmp_path):
+    text = BASE.format(model="m").replace("  path: data.jsonl\n", "  datasets:\n    - path: data.jsonl\n"
+                                                                  "    - path: data.jsonl\n")
+    p = write(tmp_path, text)
+    cfg = load_config(p, ["data.datasets.1.weight=3", "data.datasets.0.format=alpaca"])
+    assert [(d.weight, d.format) for d in cfg.data.datasets] == [(1.0, "alpaca"), (3.0, None)]
+    with pytest.raises(ConfigError, match=r"override 'data\.datasets\.2\.weight=3': 'data\.datasets' has 2 item"):
+        load_config(p, ["data.datasets.2.weight=3"])
+    with pytest.raises(ConfigError, match=r"'data\.datasets' is a list; address an item by its index "
+                                          r"\(data\.datasets\.0\.weight\)"):
+        load_config(p, ["data.datasets.weight=3"])
+    raw = {"data": {"path": ["a", "b"]}}
+    apply_override(raw, "data.path.1=c")
+    assert raw == {"data": {"path": ["a", "c"]}}

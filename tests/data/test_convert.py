@@ -145,3 +145,14 @@ def test_medical_qa_becomes_continued_pretraining_text(tmp_path, tiny_tokenizer)
         assert s.loss_tokens == s.tokens - len(MEDICAL)
         eos = tiny_tokenizer.eos_token_id
         assert prepared.rows.input_ids.tolist().count(eos) == len(MEDICAL)  # documents joined with EOS
+
+
+def test_a_folder_of_files_in_different_formats_is_detected_per_file(tmp_path):
+    folder = tmp_path / "in"
+    write_jsonl(folder / "a.jsonl", ALPACA[:1])
+    write_jsonl(folder / "b.jsonl", SHAREGPT[1:])
+    dst = tmp_path / "out.jsonl"
+    res = run_cli("data", "convert", str(folder), str(dst))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [json.loads(x) for x in dst.read_text(encoding="utf-8").splitlines()] == [
+        msgs("Translate to French\nhello", "bonjour"), msgs("Capital of France?", "Paris", system="Answer in one word.")]

@@ -90,3 +90,13 @@ def test_records_round_trip_between_openai_and_conversation():
     xt = to_conversation_record(conv)
     assert xt == {"conversation": [{"system": "S", "input": "q", "output": "a", "output_with_loss": False}]}
     assert to_sample(xt, "conversation") == conv
+
+
+def test_a_loss_flag_of_none_means_unset():
+    """Arrow-backed data (parquet, save_to_disk, hub) fills a key missing from some messages with None."""
+    conv = to_sample({"messages": [{"role": "user", "content": "q", "loss": None},
+                                   {"role": "assistant", "content": "a", "loss": None}]}, "openai")
+    assert conv.messages[1].loss is True
+    conv = to_sample({"conversation": [{"system": None, "input": "q", "output": "a", "output_with_loss": None}]},
+                     "conversation")
+    assert [(m.role, m.loss) for m in conv.messages] == [("user", True), ("assistant", True)]

@@ -241,3 +241,29 @@ def test_a_first_record_of_unknown_shape_is_reported_and_the_rest_still_checked(
     assert f"  {data}:1: cannot tell the data format from this record (keys: question, reply)" in out
     assert f"  {data}:4: empty conversation\n" in out
     assert "records: 4\nsamples: 2\nbad records: 2\n" in out
+
+
+def test_an_unreadable_file_does_not_hide_the_other_files_bad_records(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                      capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.json").write_bytes(b'[\n{"text": "\xff"}\n]')
+    b = write_jsonl(folder / "b.jsonl", [*chat_records(2), '{"messages": []}'])
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, folder))
+    assert check_dataset(cfg, tiny_tokenizer, tmp_path / "h.png") == 1
+    out = capsys.readouterr().out
+    assert f"  {folder / 'a.json'}:2: not UTF-8 (byte 0xff)\n" in out
+    assert f"  {b}:3: empty conversation\n" in out
+    assert "samples: 2\nbad records: 2\n" in out
+
+
+def test_pretraining_text_is_checked_and_logged_without_a_chat_template(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                        capsys):
+    tiny_tokenizer.chat_template = None  # a base model's tokenizer
+    book = tmp_path / "book.txt"
+    book.write_text("The quick brown fox jumps over the lazy dog.\n\nHello world, this is a tiny test.\n")
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, book, data={"text_documents": "paragraph"}))
+    assert check_dataset(cfg, tiny_tokenizer, tmp_path / "h.png") == 0
+    assert "samples: 2\nbad records: 0\n" in capsys.readouterr().out
+    assert log_dataset(cfg, tiny_tokenizer, 2) == 0
+    assert "quick brown fox" in capsys.readouterr().out

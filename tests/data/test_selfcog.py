@@ -1,6 +1,10 @@
 """Self-cognition data: enough phrasings in both languages, a held-out set never used, answers naming the
-owner, deterministic by seed, mixing at a ratio."""
+owner, deterministic by seed, mixing at a ratio; the CLI command converts mixed-in records and refuses bad input
+with one line."""
 
+import json
+
+from tests.conftest import write_jsonl
 from tunelab.data.formats import to_sample
 from tunelab.data.selfcog import GENERAL_HELD_OUT, GENERAL_TRAIN, IDENTITY_HELD_OUT, IDENTITY_TRAIN, \
     general_records, identity_records, mix
@@ -44,3 +48,50 @@ def test_owner_matching_and_hijack_detection():
     assert is_hijacked("我是Ada的小助手", "Ada")
     assert is_hijacked("月亮是一名小助手，一个用 tunelab 微调的小型语言模型。", "Ada")  # repeats the identity
     assert not is_hijacked("The capital of Japan is Tokyo.", "Ada")
+
+
+def self_cognition(capsys, *args):
+    """`tunelab data self-cognition ARGS` in-process: (exit code, stderr)."""
+    from tunelab.cli import main
+
+    code = main(["data", "self-cognition", *args])
+    return code, capsys.readouterr().err
+
+
+def test_general_records_are_converted_to_the_output_format(tmp_path, capsys):
+    general = write_jsonl(tmp_path / "general.jsonl", [
+        {"instruction": "What is 2+2?", "input": "", "output": "4"},
+        {"instruction": "Capital of France?", "input": "", "output": "Paris"}])
+    out = tmp_path / "sc.jsonl"
+    code, err = self_cognition(capsys, "--name", "Ada", "--n", "6", "--general", str(general), "--out", str(out))
+    assert code == 0, err
+    records = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 9 and all(set(r) == {"messages"} for r in records)
+    assert {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]} \
+        in records
+    conv = tmp_path / "sc_conv.jsonl"
+    code, err = self_cognition(capsys, "--name", "Ada", "--n", "6", "--general", str(general), "--format",
+                               "conversation", "--out", str(conv))
+    assert code == 0, err
+    records = [json.loads(x) for x in conv.read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"conversation"} for r in records)
+    assert {"conversation": [{"input": "Capital of France?", "output": "Paris"}]} in records
+
+
+def test_bad_arguments_and_general_records_are_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "sc.jsonl"
+    general = write_jsonl(tmp_path / "general.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}])
+    cases = [
+        (["--name", " "], "error: --name: the owner's name must not be empty"),
+        (["--name", "Ada", "--general", str(general), "--general-ratio", "1"],
+         "error: --general-ratio must be at least 0 and below 1, got 1.0"),
+        (["--name", "Ada", "--general", str(general), "--format", "conversation"],
+         f"error: {general}:2: message 0: unknown role 'tool'"),
+    ]
+    for args, expected in cases:
+        code, err = self_cognition(capsys, *args, "--out", str(out))
+        assert code == 1 and err.startswith(expected), (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()

@@ -88,3 +88,18 @@ def test_all_xtuner_template_names_exist():
     for name in ("internlm2_chat", "internlm_chat", "qwen_chat", "llama3_chat", "llama2_chat", "mistral", "zephyr",
                  "chatglm3", "baichuan2_chat", "default"):
         assert name in TEMPLATES
+
+
+def test_a_chat_template_that_raises_refuses_the_record(tiny_tokenizer):
+    from jinja2 import TemplateError
+
+    from tunelab.data.formats import RecordError
+
+    tiny_tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                                    "{{ raise_exception('System role not supported') }}{% endif %}"
+                                    + tiny_tokenizer.chat_template)
+    t = get_template("hf", tiny_tokenizer)
+    with pytest.raises(RecordError, match=r"^chat template: System role not supported$") as e:
+        t.render(CONV)
+    assert not isinstance(e.value, TemplateError)
+    assert t.render(Conversation(CONV.messages[1:]))  # without a system message it renders

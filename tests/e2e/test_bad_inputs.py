@@ -155,9 +155,21 @@ def test_bad_input_fails_cleanly(case: Case, tmp_path: Path, tiny_model_dir: Pat
         assert p.exists() and p.read_bytes() == content, p
 
 
-def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, monkeypatch):
+def _oserror_enospc() -> Exception:
     import errno
 
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def _safetensors_enospc() -> Exception:
+    from safetensors import SafetensorError
+
+    # what safetensors' Rust writer raises when the disk is full (not an OSError)
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("disk_full", [_oserror_enospc, _safetensors_enospc], ids=["oserror", "safetensors"])
+def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, monkeypatch, disk_full):
     import tunelab.train.checkpoint as ck
     from tunelab.config.load import load_config
     from tunelab.errors import TrainingError
@@ -172,7 +184,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_model
     def flaky(tensors, path, *a, **k):
         calls["n"] += 1
         if calls["n"] > 2:  # the first checkpoint (optimizer + rng files) saves; the second hits a full disk
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise disk_full()
         return real(tensors, path, *a, **k)
 
     monkeypatch.setattr(ck, "save_file", flaky)

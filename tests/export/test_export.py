@@ -76,6 +76,44 @@ def test_merge_into_another_base_model_is_a_clear_error(trained, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".merged.tmp*"))  # nothing half-written
 
 
+def _other_depth_base(folder, layers: int):
+    """The same shapes as the tiny model, with another number of layers."""
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(folder)
+    build_tiny_model(folder, len(tok), layers=layers)
+    return folder
+
+
+@pytest.mark.parametrize("layers,problem", [(1, r"the base has no base_model\.model\.model\.layers\.1\."),
+                                            (3, r"the adapter has no base_model\.model\.model\.layers\.2\.")])
+def test_an_adapter_of_another_depth_is_refused_before_loading(trained, tmp_path, layers, problem):
+    """peft would silently drop (or leave untrained) the layers that do not match; tunelab refuses."""
+    tmp, cfg, res = trained
+    adapter = tmp / f"adapter_depth{layers}"
+    if not adapter.exists():
+        checkpoint_to_hf(cfg, res.checkpoint, adapter)
+    other = _other_depth_base(tmp_path / "base", layers)
+    with pytest.raises(ModelError, match=f"does not fit base model {other}: {problem}"):
+        merge_adapter(str(other), adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    other_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(other)})})
+    with pytest.raises(ModelError, match=f"does not fit base model {other}: {problem}"):
+        checkpoint_to_hf(other_cfg, res.checkpoint, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_bad_max_shard_size_is_refused_before_the_model_loads(trained, tmp_path, tiny_model_dir):
+    from tunelab.errors import ConfigError
+    from tunelab.export.merge import shard_bytes
+
+    tmp, cfg, res = trained
+    with pytest.raises(ConfigError, match="--max-shard-size: cannot read 'bogus'"):
+        merge_adapter(str(tiny_model_dir), tmp / "no_adapter_needed", tmp_path / "m", max_shard_size="bogus")
+    assert (shard_bytes("2GB"), shard_bytes("500MB"), shard_bytes("1GiB"), shard_bytes("100kb")) == \
+        (2 * 10**9, 500 * 10**6, 2**30, 100_000)
+
+
 def test_existing_non_empty_output_is_refused_and_kept(trained):
     tmp, cfg, res = trained
     out = tmp / "taken"

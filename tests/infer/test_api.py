@@ -173,6 +173,12 @@ def test_system_and_history_messages(client: openai.OpenAI, real_chat) -> None:
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}', 400, "stop", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream", "invalid_type"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),  # nested deeper than the parser's stack
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, None, "invalid_value"),  # lone surrogate
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "' + b"x" * 3000 + b'"}', 400, "stop",
+     "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": "no"}}',
+     400, "stream_options.include_usage", "invalid_type"),
 ])
 def test_malformed_requests_get_openai_errors(base_url: str, payload: bytes, status: int, param, code) -> None:
     r = httpx.post(base_url + "/v1/chat/completions", content=payload, timeout=60, trust_env=False,
@@ -268,3 +274,42 @@ def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> No
     assert all(a["choices"][0]["message"]["content"] == want for a in answers)
     assert all(a["usage"] == alone["usage"] for a in answers)
     assert sum(calls) == 8 and len(calls) < 8 and max(calls) > 1, calls
+
+
+def test_finish_reason_is_stop_when_the_end_token_is_the_last_allowed_one(real_chat) -> None:
+    from tunelab.infer.generate import GenerationOptions, StreamStats, conversation, generate_many, generate_stream
+
+    conv = conversation([], QUESTION, None)
+    free = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=64))[0]
+    n = free.completion_tokens  # the answer's tokens, its end-of-turn token included
+    assert free.finish_reason == "stop" and n < 64
+    for limit, reason in ((n, "stop"), (n - 1, "length")):
+        whole = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=limit))[0]
+        stats = StreamStats()
+        "".join(generate_stream(real_chat, conv, GenerationOptions(max_new_tokens=limit), stats))
+        assert (whole.finish_reason, stats.finish_reason) == (reason, reason), limit
+        assert whole.completion_tokens == stats.completion_tokens == limit
+
+
+def test_batcher_serves_streams_in_line_and_survives_a_cancelled_request(tiny_model_dir: Path) -> None:
+    import time
+
+    from tunelab.infer.api import Batcher
+    from tunelab.infer.generate import GenerationOptions, conversation, load_chat_model
+
+    chat = load_chat_model(str(tiny_model_dir), device="cpu")
+    opts = GenerationOptions(max_new_tokens=4)
+    conv = conversation([], "hello", None)
+    batcher = Batcher(chat, max_batch=1)
+    place = batcher.reserve_stream()  # a streamed request arrived first
+    later = batcher.submit(conv, opts)
+    assert place.turn.wait(10)
+    time.sleep(0.5)
+    assert not later.done()  # it waits for the stream that came before it
+    place.done.set()
+    assert later.result(timeout=60).completion_tokens >= 1
+
+    first, gone = batcher.submit(conv, opts), batcher.submit(conv, opts)
+    assert gone.cancel()  # its caller gave up while it was queued
+    assert first.result(timeout=60).completion_tokens >= 1
+    assert batcher.submit(conv, opts).result(timeout=60).completion_tokens >= 1  # the worker still serves

@@ -90,6 +90,30 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, tiny_model_dir):
         run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", "data.max_length=32"], resume=True)
 
 
+@pytest.mark.parametrize("change,shown", [("train.seed=7", r"train\.seed: 0 -> 7"),
+                                          ("data.shuffle=false", r"data\.shuffle: True -> False")])
+def test_resume_refuses_a_different_data_order(tmp_path, tiny_model_dir, change, shown):
+    run(tmp_path, tiny_model_dir, overrides=["train.max_steps=1"])
+    with pytest.raises(CheckpointError, match=shown):
+        run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", change], resume=True)
+
+
+def test_resume_force_with_other_adapter_shapes_is_a_clear_error(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, overrides=["train.max_steps=1"])
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors does not fit this model's adapters: "
+                                              r"size mismatch"):
+        data = write_jsonl(tmp_path / "data.jsonl", chat_records(12))
+        cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data), ["train.max_steps=2", "model.lora.r=8"])
+        train(cfg, "tiny", work_dir=tmp_path / "work", resume=True, resume_force=True)
+
+
+def test_a_work_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir):
+    (tmp_path / "work").write_text("not a folder")
+    with pytest.raises(OutputExistsError, match=r"--work-dir .*work is a file, not a folder"):
+        run(tmp_path, tiny_model_dir, overrides=["train.max_steps=1"])
+    assert (tmp_path / "work").read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_training_runs(tmp_path, tiny_model_dir, dtype):
     # float16 runs with loss scaling (a GradScaler); both keep the LoRA weights and their updates in fp32

@@ -65,16 +65,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set a dotted key (data.max_length=512) in the raw config, creating sections as needed."""
+    """Set a dotted key (data.max_length=512) in the raw config, creating sections as needed. A number indexes
+    into a list (data.datasets.0.weight=3)."""
     keys, value = parse_override(item)
-    node = raw
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if not isinstance(nxt, dict):
+    node: Any = raw
+    for depth, k in enumerate(keys[:-1]):
+        key: str | int = _list_index(node, keys, depth, item) if isinstance(node, list) else k
+        nxt = node[key] if isinstance(node, list) else node.get(key)
+        if not isinstance(nxt, (dict, list)):
             nxt = {}
-            node[k] = nxt
+            node[key] = nxt
         node = nxt
-    node[keys[-1]] = value
+    node[_list_index(node, keys, len(keys) - 1, item) if isinstance(node, list) else keys[-1]] = value
+
+
+def _list_index(items: list, keys: list[str], depth: int, item: str) -> int:
+    """The list index that keys[depth] names, or a ConfigError naming the key."""
+    listed = ".".join(keys[:depth])
+    if not keys[depth].isdigit():
+        raise ConfigError(f"override '{item}': '{listed}' is a list; address an item by its index "
+                          f"({listed}.0.{'.'.join(keys[depth:])})")
+    i = int(keys[depth])
+    if i >= len(items):
+        raise ConfigError(f"override '{item}': '{listed}' has {len(items)} item(s), so there is no "
+                          f"'{listed}.{i}' (indexes start at 0)")
+    return i
 
 
 def explain(err: ValidationError, raw: dict, source: str, yaml_text: str | None) -> str:

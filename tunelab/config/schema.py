@@ -57,11 +57,11 @@ class DatasetSpec(Section):
     """One dataset of a run; any option left null is taken from the `data` section."""
 
     path: str | list[str]
-    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    format: Literal[DATA_FORMATS] | None = None  # type: ignore[valid-type]
     prompt_template: str | None = None
     system: str | None = None
     weight: float = Field(1.0, gt=0)
-    split: str = "train"
+    split: str | None = None
     max_samples: int | None = Field(None, gt=0)
     # .txt files: one document per file, or one per blank-line-separated paragraph block.
     text_documents: Literal["file", "paragraph"] | None = None
@@ -100,8 +100,11 @@ class DataSettings(Section):
             out = []
             for d in self.datasets:
                 out.append(d.model_copy(update={
+                    "format": d.format or self.format,
                     "prompt_template": d.prompt_template or self.prompt_template,
                     "system": d.system if d.system is not None else self.system,
+                    "split": d.split or self.split,
+                    "max_samples": d.max_samples if d.max_samples is not None else self.max_samples,
                     "text_documents": d.text_documents or self.text_documents,
                 }))
             return out

@@ -6,23 +6,32 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunelab.data.dataset import list_sources, read_source
-from tunelab.data.formats import Conversation, Document, RecordError, detect_format, to_conversation_record, \
+from tunelab.data.formats import Conversation, Document, RecordError, source_format, to_conversation_record, \
     to_openai_record, to_sample
 from tunelab.errors import DataError, OutputExistsError
 
 
-def read_as_records(path: str) -> list[dict[str, Any]]:
-    """Raw records of a file or folder, any readable format; bad JSON stops with file and line."""
-    out = []
+def read_as_samples(path: str, from_format: str = "auto", hint: str = "pass --from"
+                    ) -> Iterator[tuple[str, Conversation | Document]]:
+    """(location, sample) for every record of a file or folder; the format is detected per file (a folder may
+    mix formats) unless given. A bad record stops with file and line; records with nothing to learn are left
+    out."""
     for source in list_sources(path):
+        fmt = None if from_format == "auto" else from_format
         for where, rec in read_source(source):
-            if isinstance(rec, RecordError):
-                raise DataError(f"{where}: {rec}")
-            out.append(rec)
-    return out
+            try:
+                if isinstance(rec, RecordError):
+                    raise rec
+                if fmt is None:
+                    fmt = source_format(source, rec, hint)
+                sample = to_sample(rec, fmt)
+            except RecordError as e:
+                raise DataError(f"{where}: {e}") from None
+            if sample is not None:
+                yield where, sample
 
 
 def write_records(records: list[dict], out: Path, fmt: str = "openai", overwrite: bool = False) -> None:
@@ -45,23 +54,7 @@ def write_records(records: list[dict], out: Path, fmt: str = "openai", overwrite
 def convert_file(src: Path, dst: Path, from_format: str, to_format: str, overwrite: bool = False) -> int:
     if dst.exists() and not overwrite:
         raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    out: list[dict] = []
-    fmt = None if from_format == "auto" else from_format
-    for source in list_sources(str(src)):
-        for where, rec in read_source(source):
-            try:
-                if isinstance(rec, RecordError):
-                    raise rec
-                if fmt is None:
-                    fmt = detect_format(rec)
-                    if fmt is None:
-                        raise RecordError("cannot tell the format of this record; pass --from")
-                sample = to_sample(rec, fmt)
-            except RecordError as e:
-                raise DataError(f"{where}: {e}") from None
-            if sample is None:
-                continue
-            out.append(_emit(sample, to_format))
+    out = [_emit(sample, to_format) for _, sample in read_as_samples(str(src), from_format)]
     write_records(out, dst, "openai", overwrite=True)
     return len(out)
 

@@ -9,9 +9,12 @@ second, and any change misses the cache.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,15 +28,17 @@ from tunelab.cache import cache_root, file_digest
 from tunelab.config.load import HUB_ID
 from tunelab.config.schema import DataSettings, DatasetSpec
 from tunelab.data.encode import Encoded, encode_samples, render, shifted_labels, split_document
-from tunelab.data.formats import Document, RecordError, Sample, detect_format, to_sample
+from tunelab.data.formats import Conversation, Document, RecordError, Sample, source_format, to_sample
 from tunelab.data.pack import Rows, pack_samples
 from tunelab.data.templates import get_template
 from tunelab.errors import DataError
 
-PIPELINE_VERSION = 3  # bump when rows for the same inputs would change
+PIPELINE_VERSION = 4  # bump when rows for the same inputs would change
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 CHUNK = 4096  # samples tokenised per batch (bounds memory, drives the progress bar)
 MAX_LISTED_BAD = 1000
+MAX_LISTED_TRUNCATED = 3
+SKIP_HINT = "set data.skip_bad_records: true to skip bad records"
 
 
 @dataclass
@@ -56,6 +61,7 @@ class DataStats:
     seconds: float = 0.0
     formats: dict[str, str] = field(default_factory=dict)
     bad_records: list[BadRecord] = field(default_factory=list)
+    truncated_at: list[str] = field(default_factory=list)  # the first few truncated samples' locations
 
     @property
     def loss_share(self) -> float:
@@ -78,6 +84,12 @@ def _is_saved_dataset(p: Path) -> bool:
                            or (p / "dataset_dict.json").exists())
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under a folder, skipping hidden files and folders (.ipynb_checkpoints, .git, editor backups)."""
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def list_sources(path: str | list[str]) -> list[str]:
     """Expand a data path into its sources: files, saved datasets, hub ids."""
     paths = path if isinstance(path, list) else [path]
@@ -87,7 +99,7 @@ def list_sources(path: str | list[str]) -> list[str]:
         if _is_saved_dataset(local):
             out.append(str(local))
         elif local.is_dir():
-            files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+            files = [f for f in _visible_files(local) if f.suffix.lower() in SUFFIXES]
             if not files:
                 raise DataError(f"no data files ({', '.join(SUFFIXES)}) in folder {local}")
             out.extend(str(f) for f in files)
@@ -115,6 +127,8 @@ def read_source(source: str, split: str = "train", text_blocks: bool = False) ->
         yield from _read_json(p)
     elif p.suffix.lower() == ".txt":
         yield from _read_txt(p, text_blocks)
+    elif p.suffix.lower() == ".csv":
+        yield from _read_csv(p)
     else:
         yield from _read_table(p)
 
@@ -124,7 +138,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         for n, raw in enumerate(f, start=1):
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows editors) is not data
             except UnicodeDecodeError as e:
                 yield where, RecordError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
@@ -170,13 +184,17 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     if i >= n:
         raise DataError(f"{path}: empty file")
     if text[i] != "[":
+        start = text.count("\n", 0, i) + 1
         if text[i] == "{":  # a single record
             try:
-                yield f"{path}:1", json.loads(text)
-                return
+                rec = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-        raise DataError(f"{path}:1: expected a JSON array of records")
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}:{start}: unreadable JSON ({_json_limit(e)})") from None
+            yield f"{path}:{start}", rec
+            return
+        raise DataError(f"{path}:{start}: expected a JSON array of records")
     i, line, last = skip(i + 1), 1, 0
     while i < n and text[i] != "]":
         line += text.count("\n", last, i)
@@ -196,6 +214,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}:{ln}: malformed JSON (expected ',' or ']' between records)")
     if i >= n:
         raise DataError(f"{path}:{text.count(chr(10)) + 1}: malformed JSON (the array is not closed)")
+    i = skip(i + 1)
+    if i < n:  # a second array or garbage would otherwise be silently ignored
+        raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: unexpected data after the JSON array")
 
 
 def _read_txt(path: Path, blocks: bool) -> Iterator[tuple[str, Any]]:
@@ -207,6 +228,7 @@ def _read_txt(path: Path, blocks: bool) -> Iterator[tuple[str, Any]]:
     line, start = 1, 1
     buf: list[str] = []
     for raw in text.split("\n"):
+        raw = raw.removesuffix("\r")  # CRLF files: "\r" is not part of the text
         if raw.strip():
             if not buf:
                 start = line
@@ -220,6 +242,49 @@ def _read_txt(path: Path, blocks: bool) -> Iterator[tuple[str, Any]]:
 
 
 _JSON_COLUMNS = ("messages", "conversation", "conversations")
+_NEWLINES = ("\n", "\r\n", "\r")
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    """CSV with the stdlib reader: every cell stays a string ("" when empty) instead of being type-guessed
+    (an all-numbers answer column is still text), and each record is located at its first physical line,
+    also after a quoted cell that spans lines."""
+    # Training text in one cell can exceed the csv module's default limit of 128 KiB.
+    csv.field_size_limit(2**31 - 1)
+    lines = list(io.StringIO(_decode_file(path), newline=""))
+    reader = csv.DictReader(iter(lines), restval="")
+    try:
+        if reader.fieldnames is None:  # an empty file
+            return
+        if not reader.fieldnames:
+            raise DataError(f"{path}:1: the first line must be the header row (column names)")
+        while True:
+            start = reader.line_num + 1
+            try:
+                rec = next(reader)
+            except StopIteration:
+                return
+            while start < reader.line_num and lines[start - 1] in _NEWLINES:
+                start += 1  # blank lines the reader skipped
+            yield f"{path}:{start}", _csv_record(rec, len(reader.fieldnames))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: cannot read csv ({e})") from None
+
+
+def _csv_record(rec: dict, columns: int) -> dict | RecordError:
+    if None in rec:  # DictReader puts cells beyond the header under the key None
+        return RecordError(f"{columns + len(rec[None])} cells, but the header has {columns} columns")
+    return _parse_json_columns(rec)
+
+
+def _parse_json_columns(rec: dict) -> dict | RecordError:
+    for col in _JSON_COLUMNS:  # table cells hold nested records as JSON text
+        if isinstance(rec.get(col), str):
+            try:
+                rec[col] = json.loads(rec[col])
+            except json.JSONDecodeError as e:
+                return RecordError(f"column '{col}' is not valid JSON ({e.msg})")
+    return rec
 
 
 def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
@@ -228,19 +293,10 @@ def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
     kind = path.suffix.lower().lstrip(".")
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # pyarrow/pandas parse errors
+    except Exception as e:  # pyarrow parse errors
         raise DataError(f"{path}: cannot read {kind} ({str(e).splitlines()[0][:200]})") from None
-    header = 1 if kind == "csv" else 0
     for i, rec in enumerate(ds):
-        where = f"{path}:{i + 1 + header}" if kind == "csv" else f"{path} row {i + 1}"
-        for col in _JSON_COLUMNS:  # CSV cells hold nested records as JSON text
-            if isinstance(rec.get(col), str):
-                try:
-                    rec[col] = json.loads(rec[col])
-                except json.JSONDecodeError as e:
-                    rec = RecordError(f"column '{col}' is not valid JSON ({e.msg})")
-                    break
-        yield where, rec
+        yield f"{path} row {i + 1}", _parse_json_columns(rec)
 
 
 def _read_hf(source: str, split: str, saved: bool) -> Iterator[tuple[str, Any]]:
@@ -274,38 +330,61 @@ def read_samples(spec: DatasetSpec, stats: DataStats, skip_bad: bool, collect_al
     samples: list[Sample] = []
     where_list: list[str] = []
     for source in list_sources(spec.path):
-        fmt = spec.format if spec.format != "auto" else None
-        for where, rec in read_source(source, spec.split, spec.text_documents == "paragraph"):
-            stats.records += 1
-            try:
-                if isinstance(rec, RecordError):
-                    raise rec
-                if fmt is None:
-                    fmt = "pretrain" if source.lower().endswith(".txt") else detect_format(rec)
-                    if fmt is None:
-                        # A bad record like any other: with skip_bad/collect_all the next record is tried.
-                        keys = ", ".join(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
-                        raise RecordError(f"cannot tell the data format from this record (keys: {keys}); "
-                                          "set data.format")
-                    stats.formats[source] = fmt
-                    ui.info(f"data: {source}: detected format '{fmt}'")
-                sample = to_sample(rec, fmt)
-            except RecordError as e:
-                if not (skip_bad or collect_all):
-                    raise DataError(f"{where}: {e} (set data.skip_bad_records: true to skip bad records)") from None
-                stats.bad += 1
-                if len(stats.bad_records) < MAX_LISTED_BAD:
-                    stats.bad_records.append(BadRecord(where, str(e)))
-                continue
-            stats.formats.setdefault(source, fmt)
-            if sample is None:
-                stats.dropped += 1
-                continue
-            samples.append(sample)
-            where_list.append(where)
-            if spec.max_samples and len(samples) >= spec.max_samples:
-                return samples, where_list
+        try:
+            if _read_source_samples(source, spec, stats, skip_bad or collect_all, samples, where_list):
+                break
+        except DataError as e:
+            # A file that cannot be read to the end (not UTF-8, broken JSON array) is one bad record, so the
+            # other files are still read (and, for check-dataset, their bad records listed).
+            if not (skip_bad or collect_all):
+                raise
+            _add_bad(stats, _file_error(source, str(e)))
     return samples, where_list
+
+
+def _read_source_samples(source: str, spec: DatasetSpec, stats: DataStats, skip_bad: bool, samples: list[Sample],
+                         where_list: list[str]) -> bool:
+    """Append one source's samples; True once spec.max_samples is reached."""
+    fmt = spec.format if spec.format != "auto" else None
+    for where, rec in read_source(source, spec.split, spec.text_documents == "paragraph"):
+        stats.records += 1
+        try:
+            if isinstance(rec, RecordError):
+                raise rec
+            if fmt is None:
+                # An unrecognisable record is a bad record like any other: with skip_bad the next one is tried.
+                fmt = source_format(source, rec, "set data.format")
+                stats.formats[source] = fmt
+                ui.info(f"data: {source}: detected format '{fmt}'")
+            sample = to_sample(rec, fmt)
+        except RecordError as e:
+            if not skip_bad:
+                raise DataError(f"{where}: {e} ({SKIP_HINT})") from None
+            _add_bad(stats, BadRecord(where, str(e)))
+            continue
+        stats.formats.setdefault(source, fmt)
+        if sample is None:
+            stats.dropped += 1
+            continue
+        samples.append(sample)
+        where_list.append(where)
+        if spec.max_samples and len(samples) >= spec.max_samples:
+            return True
+    return False
+
+
+def _add_bad(stats: DataStats, bad: BadRecord) -> None:
+    stats.bad += 1
+    if len(stats.bad_records) < MAX_LISTED_BAD:
+        stats.bad_records.append(bad)
+
+
+def _file_error(source: str, message: str) -> BadRecord:
+    """A file-level DataError ("path:line: reason" or "path: reason") as a bad record of that file."""
+    m = re.match(rf"{re.escape(source)}(:\d+)?: (.*)", message, re.S)
+    if m:
+        return BadRecord(source + (m.group(1) or ""), m.group(2))
+    return BadRecord(source, message)
 
 
 @dataclass
@@ -323,23 +402,23 @@ def encode_dataset(data: DataSettings, tokenizer: Any, stats: DataStats, collect
     out = EncodedDataset([], [], [], [])
     specs = data.specs()
     for di, spec in enumerate(specs):
-        renderer = get_template(spec.prompt_template or data.prompt_template, tokenizer)
         samples, wheres = read_samples(spec, stats, data.skip_bad_records, collect_all)
+        renderer = None  # made on the first conversation: pre-training text needs no (chat) template
         with ui.progress(len(samples), f"tokenising {Path(str(spec.path)).name}") as advance:
             for start in range(0, len(samples), CHUNK):
                 chunk = samples[start:start + CHUNK]
                 segs = []
                 keep = []
                 for s, w in zip(chunk, wheres[start:start + CHUNK]):
+                    if renderer is None and isinstance(s, Conversation):
+                        renderer = get_template(spec.prompt_template or data.prompt_template, tokenizer)
                     try:
                         segs.append(render(s, renderer, spec.system))
                         keep.append((s, w))
                     except RecordError as e:
                         if not (data.skip_bad_records or collect_all):
-                            raise DataError(f"{w}: {e}") from None
-                        stats.bad += 1
-                        if len(stats.bad_records) < MAX_LISTED_BAD:
-                            stats.bad_records.append(BadRecord(w, str(e)))
+                            raise DataError(f"{w}: {e} ({SKIP_HINT})") from None
+                        _add_bad(stats, BadRecord(w, str(e)))
                 encoded = encode_samples([s for s, _ in keep], segs, tokenizer)
                 for (s, w), enc in zip(keep, encoded):
                     _add_sample(out, enc, s, w, di, data.max_length, stats)
@@ -354,6 +433,8 @@ def _add_sample(out: EncodedDataset, enc: Encoded, sample: Sample, where: str, d
         pieces = split_document(enc, max_length)
     elif len(enc.input_ids) > max_length:
         stats.truncated += 1
+        if len(stats.truncated_at) < MAX_LISTED_TRUNCATED:
+            stats.truncated_at.append(where)
         pieces = [Encoded(enc.input_ids[:max_length], enc.loss_mask[:max_length])]
     for piece in pieces:
         labels = shifted_labels(piece)
@@ -411,7 +492,7 @@ def source_fingerprint(source: str) -> str:
         return file_digest(p)
     if p.is_dir():
         h = hashlib.blake2b(digest_size=16)
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        for f in _visible_files(p):
             h.update(str(f.relative_to(p)).encode())
             file_digest(f, h)
         return h.hexdigest()
@@ -479,15 +560,17 @@ def prepare_data(data: DataSettings, tokenizer: Any, seed: int = 0, use_cache: b
         folder = cache_root() / "data" / cache_key(data, tokenizer, seed)
         if (folder / "tunelab_stats.json").exists():
             rows, stats = _load_rows(folder)
+            stats.seconds = time.perf_counter() - t0  # this load's time, not the run that filled the cache
             ui.info(f"data: {stats.samples} samples -> {len(rows)} rows from cache {folder} "
-                    f"({time.perf_counter() - t0:.2f} s)")
+                    f"({stats.seconds:.2f} s)")
             return PreparedData(rows, stats, True, folder)
     stats = DataStats(max_length=data.max_length)
     enc = encode_dataset(data, tokenizer, stats)
     if not enc.input_ids:
         paths = ", ".join(str(s.path) for s in data.specs())
+        first = f"; first bad: {stats.bad_records[0].where}: {stats.bad_records[0].reason}" if stats.bad_records else ""
         raise DataError(f"no training samples in {paths} ({stats.records} records read, {stats.bad} bad, "
-                        f"{stats.dropped} with nothing to learn)")
+                        f"{stats.dropped} with nothing to learn{first})")
     order = mix_order(data, enc.dataset_index, seed)
     rows = pack_samples([enc.input_ids[i] for i in order], [enc.labels[i] for i in order], data.max_length,
                         data.pack_to_max_length)
@@ -508,7 +591,8 @@ def report(stats: DataStats) -> None:
         ui.warn("bad_records", f"skipped {stats.bad} bad records (first: {stats.bad_records[0].where}: "
                                f"{stats.bad_records[0].reason})")
     if stats.truncated:
+        where = ", ".join(stats.truncated_at) + (", ..." if stats.truncated > len(stats.truncated_at) else "")
         ui.warn("truncated", f"{stats.truncated} samples were longer than max_length={stats.max_length} "
-                             "and were truncated")
+                             f"and were truncated (first: {where})")
     if stats.dropped:
         ui.warn("dropped", f"{stats.dropped} samples had no tokens to learn from and were dropped")

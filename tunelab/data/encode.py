@@ -89,9 +89,16 @@ def encode_samples(samples: Sequence[Sample], segments: Sequence[Segments], toke
 
 
 def split_document(enc: Encoded, max_length: int) -> list[Encoded]:
-    """Pre-training text longer than a row is cut into row-sized pieces instead of being thrown away."""
+    """Pre-training text longer than a row is cut into row-sized pieces instead of being thrown away. Each piece
+    after the first starts with the previous piece's last token: a piece's first token is never a target, so
+    without the overlap the token at every cut would never be trained on (and a last piece of one token would
+    be dropped). With it, every token after the document's first is a target exactly once."""
+    n = len(enc.input_ids)
+    if n <= max_length:
+        return [enc]
+    step = max(max_length - 1, 1)  # rows of one token have no target whatever the step
     return [Encoded(enc.input_ids[i:i + max_length], enc.loss_mask[i:i + max_length])
-            for i in range(0, len(enc.input_ids), max_length)]
+            for i in range(0, n - 1, step)]
 
 
 def shifted_labels(enc: Encoded) -> np.ndarray:

@@ -41,6 +41,17 @@ class Document:
 Sample = Conversation | Document
 
 
+def source_format(source: str, first: Any, hint: str) -> str:
+    """A source's format, told from its first record (.txt files are always pre-training text)."""
+    if source.lower().endswith(".txt"):
+        return "pretrain"
+    fmt = detect_format(first)
+    if fmt is None:
+        keys = ", ".join(map(str, first)) if isinstance(first, dict) else type(first).__name__
+        raise RecordError(f"cannot tell the data format from this record (keys: {keys}); {hint}")
+    return fmt
+
+
 def detect_format(record: Any) -> str | None:
     """Guess the format from one record's keys; None if nothing fits."""
     if not isinstance(record, dict):
@@ -152,7 +163,8 @@ def _openai(record: dict) -> Conversation:
         content = m.get("content")
         if not isinstance(content, str):
             raise RecordError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
-        loss = parse_loss_flag(m["loss"]) if "loss" in m else True
+        # Arrow-backed data (parquet, save_to_disk, hub) gives every message every key, None where unset.
+        loss = parse_loss_flag(m["loss"]) if m.get("loss") is not None else True
         out.append(Message(role, content, loss))
     return check_conversation(out)
 
@@ -171,7 +183,7 @@ def _xtuner_conversation(record: dict) -> Conversation:
         out.append(Message("user", _str(t.get("input") or "", f"turn {i} input")))
         if "output" not in t:
             raise RecordError(f"conversation turn {i} has no 'output'")
-        loss = parse_loss_flag(t["output_with_loss"]) if "output_with_loss" in t else True
+        loss = parse_loss_flag(t["output_with_loss"]) if t.get("output_with_loss") is not None else True
         out.append(Message("assistant", _str(t["output"], f"turn {i} output"), loss))
     return check_conversation(out)
 

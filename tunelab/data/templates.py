@@ -155,7 +155,13 @@ class HFTemplate:
         self.stop_words = (eos,) if eos else ()
 
     def _text(self, messages: list[dict], gen: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:
+            # e.g. raise_exception('System role not supported'): this record does not fit the template
+            raise RecordError(f"chat template: {(str(e) or type(e).__name__).splitlines()[0]}") from None
 
     def render(self, conv: Conversation, add_generation_prompt: bool = False) -> Segments:
         msgs = [{"role": m.role, "content": m.content} for m in conv.messages]

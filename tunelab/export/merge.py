@@ -4,21 +4,25 @@ tokenizer, chat template), loadable without peft."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from tunelab import ui
+from tunelab.errors import ConfigError
 from tunelab.export.output import staged_output
-from tunelab.infer.generate import attach_adapter
+from tunelab.infer.generate import attach_adapter, check_adapter
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_size: str = "2GB",
                   device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     out = Path(out)
+    max_bytes = shard_bytes(max_shard_size)  # a typo here should not cost a model load
     base_path = resolve_model_path(base)
     dev = choose_device(device)
+    check_adapter(adapter, base_path, trust_remote_code)
     with staged_output(out, overwrite) as tmp:
         cfg_file = Path(base_path) / "config.json"
         saved_dtype = None
@@ -32,8 +36,19 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
         ui.info(f"merging {adapter} into {base_path}")
         model = attach_adapter(model, str(adapter), base_path).merge_and_unload()
         model.config.use_cache = True
-        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_bytes)
         tok_src = str(adapter) if (Path(adapter) / "tokenizer_config.json").exists() else base_path
         load_tokenizer(tok_src, trust_remote_code).save_pretrained(str(tmp))
     ui.info(f"wrote merged model to {out}")
     return out
+
+
+def shard_bytes(size: str) -> int:
+    """'2GB', '500MB', '100KB' (or a number of bytes) -> bytes; a clear error for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--max-shard-size: cannot read '{size}' (write it like 2GB, 500MB or 100KB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(m.group(1)) * base**power)

@@ -15,6 +15,7 @@ from tunelab import ui
 from tunelab.config.schema import Config
 from tunelab.errors import CheckpointError
 from tunelab.export.output import staged_output
+from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import load_tokenizer, resolve_model_path
 from tunelab.train.checkpoint import resolve_checkpoint
 
@@ -27,6 +28,7 @@ def checkpoint_to_hf(cfg: Config, checkpoint: str | Path, out: str | Path, overw
     base = resolve_model_path(cfg.model.path)
     with staged_output(out, overwrite) as tmp:
         if (ckpt / "adapter_config.json").exists():
+            check_adapter_fits(ckpt, base, cfg.model.trust_remote_code)
             for name in ADAPTER_FILES:
                 shutil.copy2(ckpt / name, tmp / name)
             adapter_cfg = json.loads((tmp / "adapter_config.json").read_text())

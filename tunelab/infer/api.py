@@ -37,6 +37,7 @@ from tunelab.infer.generate import ChatModel, Generated, GenerationOptions, Prom
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt that fits a context; stops memory abuse early
 MAX_STOP_WORDS = 4  # OpenAI's own limit
+MAX_STOP_CHARS = 256
 
 
 class RequestError(Exception):
@@ -95,6 +96,23 @@ def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -
         raise RequestError(f"'{key}' must be between {lo:g} and {hi:g} (got {v})", param=key,
                            code="invalid_value")
     return v
+
+
+def _check_encodable(value: Any, where: str = "body") -> None:
+    """JSON allows lone surrogates (\\ud800) that no tokenizer can encode: refuse them up front."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{where} holds text that is not valid Unicode (a lone surrogate)",
+                               code="invalid_value") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_encodable(k, where)
+            _check_encodable(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_encodable(v, f"{where}[{i}]")
 
 
 def _text(content: Any, i: int) -> str:
@@ -174,13 +192,20 @@ def parse_request(body: Any, chat: ChatModel, defaults: GenerationOptions, syste
     else:
         raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOP_WORDS} strings", param="stop",
                            code="invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        # matching cost grows fast with a stop string's length (and it would hold the model for everyone)
+        raise RequestError(f"each 'stop' string may be at most {MAX_STOP_CHARS} characters", param="stop",
+                           code="invalid_value")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", param="stream", code="invalid_type")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object", param="stream_options", code="invalid_type")
-    include_usage = bool(stream_options.get("include_usage", False))
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError("'stream_options.include_usage' must be true or false",
+                           param="stream_options.include_usage", code="invalid_type")
 
     try:
         n_prompt = len(encode_for_generation(conv, chat.renderer, chat.tokenizer))
@@ -215,6 +240,11 @@ class _Job:
     conv: Any
     opts: GenerationOptions
     future: Future = field(default_factory=Future)
+    # A streamed request waits in the same line; at its turn the worker hands it the model (`turn`) and waits
+    # until its stream ends (`done`).
+    stream: bool = False
+    turn: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Batcher:
@@ -231,11 +261,17 @@ class Batcher:
         threading.Thread(target=self._serve, name="tunelab-batcher", daemon=True).start()
 
     def submit(self, conv: Any, opts: GenerationOptions) -> Future:
-        job = _Job(conv, opts)
+        return self._enqueue(_Job(conv, opts)).future
+
+    def reserve_stream(self) -> _Job:
+        """A place in line for a streamed request: wait for `turn`, stream, then set `done`."""
+        return self._enqueue(_Job(None, GenerationOptions(), stream=True))
+
+    def _enqueue(self, job: _Job) -> _Job:
         with self.cond:
             self.pending.append(job)
             self.cond.notify()
-        return job.future
+        return job
 
     def _take(self) -> list[_Job]:
         with self.cond:
@@ -243,16 +279,24 @@ class Batcher:
                 self.cond.wait()
             head = self.pending.popleft()
             batch, skipped = [head], []
-            if head.opts.temperature == 0:
+            if head.opts.temperature == 0 and not head.stream:
                 while self.pending and len(batch) < self.max_batch:
                     job = self.pending.popleft()
-                    (batch if job.opts == head.opts else skipped).append(job)
+                    (batch if job.opts == head.opts and not job.stream else skipped).append(job)
                 self.pending.extendleft(reversed(skipped))  # the others keep their place in line
             return batch
 
     def _serve(self) -> None:
         while True:
-            batch = self._take()
+            taken = self._take()
+            if taken[0].stream:
+                taken[0].turn.set()
+                taken[0].done.wait()
+                continue
+            # a request whose caller gave up is dropped; the others can no longer be cancelled
+            batch = [j for j in taken if j.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 results = generate_many(self.chat, [j.conv for j in batch], batch[0].opts, batch_size=len(batch))
             except BaseException as e:  # handed to every request of the batch
@@ -331,6 +375,10 @@ def build_api(chat: ChatModel, system: str | None = None, defaults: GenerationOp
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+            except (RecursionError, ValueError) as e:  # nested too deeply; a number too long to convert
+                raise RequestError(f"the request body cannot be read ({type(e).__name__})",
+                                   code="invalid_json") from None
+            _check_encodable(body)
             # Tokenising a long prompt takes a while: off the event loop too.
             conv, opts, stream, include_usage, n_prompt = await run_in_threadpool(
                 parse_request, body, chat, defaults, system)
@@ -351,14 +399,15 @@ def build_api(chat: ChatModel, system: str | None = None, defaults: GenerationOp
                 "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                           "total_tokens": g.prompt_tokens + g.completion_tokens},
             }
-        return StreamingResponse(_sse(chat, conv, opts, cid, now, model_id, include_usage, n_prompt),
+        return StreamingResponse(_sse(chat, conv, opts, cid, now, model_id, include_usage, n_prompt, batcher),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
 
-async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamStats) -> AsyncIterator[str]:
+async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamStats, batcher: Batcher
+                  ) -> AsyncIterator[str]:
     """generate_stream's pieces, produced in one worker thread that owns the generator (so its lock is taken and
     released in that thread), handed to the event loop through a queue. If the client goes away, the worker
     closes the generator, which stops the model at its next token."""
@@ -373,6 +422,10 @@ async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamS
             gone.set()
 
     def produce() -> None:
+        place.turn.wait()  # requests are answered in arrival order, streamed or not
+        if gone.is_set():  # the client left while waiting
+            place.done.set()
+            return
         pieces = generate_stream(chat, conv, opts, stats)
         try:
             for piece in pieces:
@@ -384,7 +437,10 @@ async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamS
             put(("error", e))
         finally:
             pieces.close()
+            place.done.set()
 
+    # Reserved here, with the thread that always releases it, so a response that is never sent holds nothing.
+    place = batcher.reserve_stream()
     threading.Thread(target=produce, name="tunelab-stream", daemon=True).start()
     try:
         while True:
@@ -400,7 +456,7 @@ async def _pieces(chat: ChatModel, conv, opts: GenerationOptions, stats: StreamS
 
 
 async def _sse(chat: ChatModel, conv, opts: GenerationOptions, cid: str, created: int, model_id: str,
-               include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
+               include_usage: bool, n_prompt: int, batcher: Batcher) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None, **extra: Any) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "system_fingerprint": None,
@@ -413,7 +469,7 @@ async def _sse(chat: ChatModel, conv, opts: GenerationOptions, cid: str, created
     yield chunk({"role": "assistant", "content": ""}, None)
     stats = StreamStats()
     try:
-        async for piece in _pieces(chat, conv, opts, stats):
+        async for piece in _pieces(chat, conv, opts, stats, batcher):
             yield chunk({"content": piece}, None)
     except PromptTooLong as e:
         # The status line is already sent; OpenAI's streams report late errors as an error event.

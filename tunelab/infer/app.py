@@ -13,7 +13,6 @@ named XTuner template, whose strings are copied into app_config.json and rendere
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from tunelab.data.templates import TEMPLATES, XTunerTemplate, get_template
 from tunelab.errors import ModelError
 from tunelab.export.output import check_output, staged_output
+from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import check_weights, load_tokenizer, resolve_model_path
 
 PINNED = ("torch", "transformers", "gradio", "safetensors", "tokenizers")
@@ -221,34 +221,6 @@ def requirements(with_peft: bool) -> str:
     return "".join(f"{n}=={_version(n)}\n" for n in names)
 
 
-def check_adapter_fits(base: Path, adapter: Path) -> None:
-    """Compare the LoRA matrices' shapes with the base weights they attach to (file headers only)."""
-    from safetensors import safe_open
-
-    weights = adapter / "adapter_model.safetensors"
-    files = sorted(base.glob("*.safetensors"))
-    if not weights.exists() or not files:
-        return  # .bin files: left to loading time
-    shapes: dict[str, list[int]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
-    with safe_open(str(weights), framework="pt") as st:
-        for key in st.keys():
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight", key)
-            if not m:
-                continue
-            target, ab = m.group(1) + ".weight", m.group(2)
-            shape = st.get_slice(key).get_shape()
-            have = shapes.get(target)
-            if have is None:
-                raise ModelError(f"adapter {adapter} does not fit base model {base}: the base has no {target}")
-            # lora_A is [r, in_features] and lora_B [out_features, r]; the base weight is [out, in].
-            if (ab == "A" and shape[1] != have[-1]) or (ab == "B" and shape[0] != have[0]):
-                raise ModelError(f"adapter {adapter} does not fit base model {base}: size mismatch for {key}: "
-                                 f"{shape} does not match the base weight {target} {have}")
-
-
 def _copy_files(src: Path, dst: Path) -> int:
     dst.mkdir(parents=True)
     n = 0
@@ -304,7 +276,7 @@ def export_app(model: str, out: Path, adapter: str | None = None, template: str 
         if not (a / "adapter_config.json").is_file():
             raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
         if local:
-            check_adapter_fits(Path(resolved), a)
+            check_adapter_fits(a, resolved)
 
     tok = None
     if local or (template and template != "hf"):

@@ -25,6 +25,7 @@ def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None
     stdout = stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
     history: list[tuple[str, str]] = []
+    failures = 0
     if interactive:
         print(f"tunelab chat: {chat.name} (template {chat.renderer.name}). {HELP}", file=stdout)
     while True:
@@ -38,7 +39,7 @@ def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None
             text = stdin.readline()
             if text == "":
                 break
-        text = text.rstrip("\n")
+        text = text.rstrip("\r\n")
         cmd = text.strip()
         if not cmd:
             continue
@@ -49,7 +50,7 @@ def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None
             if interactive:
                 print("(history cleared)", file=stdout)
             continue
-        if cmd.startswith("/system"):
+        if cmd == "/system" or cmd.startswith("/system "):
             system = cmd[len("/system"):].strip() or None
             history.clear()
             if interactive:
@@ -70,8 +71,12 @@ def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None
                       file=stdout)
         except PromptTooLong as e:
             print(f"error: {e}; history cleared", file=sys.stderr)
+            if as_json:  # one output line per question, so scripts can pair them
+                print(json.dumps({"question": text, "error": str(e)}, ensure_ascii=False), file=stdout)
             history.clear()
+            failures += 1
             continue
         stdout.flush()
-        history.append((text, answer))
-    return 0
+        history.append((text, answer.strip()))
+    # a script that piped questions in must see that some got no answer; a person at a terminal saw it
+    return 1 if failures and not interactive else 0

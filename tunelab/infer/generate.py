@@ -17,6 +17,7 @@ from tunelab.data.encode import encode_for_generation
 from tunelab.data.formats import Conversation, Message
 from tunelab.data.templates import Renderer, get_template
 from tunelab.errors import ModelError, TunelabError
+from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
 
@@ -58,6 +59,8 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
                                else resolved, trust_remote_code)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     quant = {None: "none", 4: "nf4", 8: "int8"}[bits]
+    if adapter:
+        check_adapter(adapter, resolved, trust_remote_code)  # before the weights are loaded
     model = load_model(resolved, dtype=dtype, device=dev, quantization=quant, trust_remote_code=trust_remote_code)
     if adapter:
         model = attach_adapter(model, adapter, resolved)
@@ -70,12 +73,18 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
     return ChatModel(model, tokenizer, renderer, dev, label, ctx)
 
 
-def attach_adapter(model: Any, adapter: str, base: str) -> Any:
-    from peft import PeftModel
-
+def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
     a = Path(adapter)
     if not (a / "adapter_config.json").exists():
         raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
+    check_adapter_fits(a, base, trust_remote_code)
+
+
+def attach_adapter(model: Any, adapter: str, base: str) -> Any:
+    """peft's own loading; call check_adapter first (it names what does not fit, peft may not)."""
+    from peft import PeftModel
+
+    a = Path(adapter)
     try:
         return PeftModel.from_pretrained(model, str(a))
     except (RuntimeError, ValueError, KeyError) as e:
@@ -104,12 +113,15 @@ def _generate_kwargs(chat: ChatModel, opts: GenerationOptions) -> dict[str, Any]
     kw: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, pad_token_id=chat.tokenizer.pad_token_id,
                               repetition_penalty=opts.repetition_penalty, use_cache=True)
     eos = {chat.tokenizer.eos_token_id}
+    multi_token = []  # template stop words that are not one token: matched as text, like the user's
     for w in chat.stop_words:
         tid = chat.tokenizer.convert_tokens_to_ids(w)
         if isinstance(tid, int) and tid != chat.tokenizer.unk_token_id:
             eos.add(tid)
+        elif w:
+            multi_token.append(w)
     kw["eos_token_id"] = sorted(t for t in eos if t is not None)
-    text_stops = [w for w in opts.stop_words if w]
+    text_stops = [w for w in [*opts.stop_words, *multi_token] if w]
     if text_stops:
         kw["stop_strings"] = text_stops
         kw["tokenizer"] = chat.tokenizer
@@ -165,11 +177,13 @@ def generate_many(chat: ChatModel, convs: Sequence[Conversation], opts: Generati
                 torch.manual_seed(opts.seed)
             gen = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device), **kwargs)
         for ids, row in zip(group, gen[:, width:].tolist()):
-            # a finished row is padded to the longest: count up to and including its end-of-turn token
-            n = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+            # A finished row is padded to the longest: count up to and including its end-of-turn token, or
+            # up to the first padding after a stop word.
+            n = next((i + 1 if t in ends else i for i, t in enumerate(row) if t in ends or t == pad), len(row))
             raw = chat.tokenizer.decode(row[:n], skip_special_tokens=True)
             text = _trim(raw, stops)
-            reason = "stop" if n < len(row) or len(text) < len(raw) or n < opts.max_new_tokens else "length"
+            ended = n < len(row) or (n > 0 and row[n - 1] in ends)
+            reason = "stop" if ended or len(text) < len(raw) or n < opts.max_new_tokens else "length"
             out.append(Generated(text.strip(), len(ids), n, reason))
     return out
 
@@ -191,10 +205,12 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
 
     class CountingStreamer(TextIteratorStreamer):
         generated = 0
+        last = -1  # the last generated token id
 
         def put(self, value: torch.Tensor) -> None:
             if not (self.skip_prompt and self.next_tokens_are_prompt):
                 self.generated += value.numel()
+                self.last = int(value.reshape(-1)[-1])
             super().put(value)
 
     class Cancelled(StoppingCriteria):
@@ -206,6 +222,7 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
     stats.prompt_tokens = len(ids)
     streamer = CountingStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     stops = [s for s in [*opts.stop_words, *chat.stop_words] if s]
+    kwargs = _generate_kwargs(chat, opts)
     errors: list[BaseException] = []
     cancel = threading.Event()
 
@@ -216,8 +233,7 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                     torch.manual_seed(opts.seed)
                 inp = torch.tensor([ids], device=chat.device)
                 chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                                    **_generate_kwargs(chat, opts))
+                                    stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
         except BaseException as e:  # surfaced to the caller below
             errors.append(e)
             streamer.end()
@@ -237,6 +253,7 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                 if len(cut) < len(text):
                     stopped = True
                     text = cut
+                    cancel.set()  # nothing after a stop word is shown: stop computing it
                 # hold back a tail that could be the start of a stop word
                 hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
                 visible = len(text) - (0 if stopped else hold)
@@ -249,7 +266,8 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
             if not stopped and shown < len(text):
                 yield text[shown:]
             stats.completion_tokens = streamer.generated
-            stats.finish_reason = "length" if streamer.generated >= opts.max_new_tokens and not stopped else "stop"
+            ended = stopped or streamer.last in kwargs["eos_token_id"]
+            stats.finish_reason = "length" if streamer.generated >= opts.max_new_tokens and not ended else "stop"
         finally:
             cancel.set()  # a consumer that stopped early: end generation before the lock is released
             worker.join()

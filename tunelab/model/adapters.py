@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.config.schema import ALL_LINEAR, LoraSettings
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ModelError
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -68,3 +70,36 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint must hold: trainable parameters only, by their model-side names."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_adapter_fits(adapter: Path, base: str, trust_remote_code: bool = False) -> None:
+    """Refuse an adapter trained on another base model before any weights are loaded: build the base on the
+    meta device (no memory), attach the adapter's config, and compare every tensor's name and shape with the
+    adapter file. peft itself would drop unmatched layers silently, or fail deep inside loading."""
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ModelError(f"{adapter} holds no adapter_model.safetensors")
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns that the config names another base path: we check here
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            peft_model = get_peft_model(empty, PeftConfig.from_pretrained(str(adapter)), low_cpu_mem_usage=True)
+    except ValueError as e:  # e.g. target modules the base does not have
+        raise ModelError(f"adapter {adapter} does not fit base model {base}: {str(e).splitlines()[0][:240]}") \
+            from None
+    expected = {k: list(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    with safe_open(str(weights), framework="pt") as f:
+        found = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    problem = next((f"size mismatch for {k}: the adapter has {found[k]}, the base needs {expected[k]}"
+                    for k in sorted(found) if k in expected and found[k] != expected[k]), None)
+    problem = problem or next((f"the base has no {k}" for k in sorted(found) if k not in expected), None)
+    problem = problem or next((f"the adapter has no {k} (was it trained on a smaller model?)"
+                               for k in sorted(expected) if k not in found), None)
+    if problem:
+        raise ModelError(f"adapter {adapter} does not fit base model {base}: {problem}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import CheckpointError, TrainingError
@@ -94,11 +95,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's random states: CPU, its own GPU, Python and NumPy."""
     tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
     py = random.getstate()
     np_state = np.random.get_state()
     meta = {"python": [py[0], list(py[1]), py[2]],
@@ -106,9 +107,21 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _failure_reason(e: Exception) -> str:
+    # safetensors reports a full disk as "Error while serializing: I/O error: ... (os error 28)"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    if "os error 28" in text:
+        return "No space left on device"
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
 def save_checkpoint(work_dir: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
-                    scaler_state: dict[str, Any] | None, config_yaml: str, keep: int) -> Path:
-    """Write iter_<step>/ atomically, point last_checkpoint at it, and prune old ones (never the newest)."""
+                    scaler_state: dict[str, Any] | None, config_yaml: str, keep: int,
+                    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> Path:
+    """Write iter_<step>/ atomically, point last_checkpoint at it, and prune old ones (never the newest).
+    `rng_states` holds every process's random states, by rank, so each resumes its own dropout stream."""
     final = work_dir / f"iter_{state.step}"
     tmp = work_dir / f".iter_{state.step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,7 +131,8 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, optimizer: to
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng_tensors, rng_meta = _rng_state()
+        rng_tensors = {f"rank{r}.{k}": t for r, (tensors, _) in enumerate(rng_states) for k, t in tensors.items()}
+        rng_meta = [meta for _, meta in rng_states]
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "config.yaml").write_text(config_yaml)
         meta = {**asdict(state), "rng": rng_meta, "scaler": scaler_state, "saved_at": time.time()}
@@ -134,11 +148,11 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, optimizer: to
         pointer_tmp = work_dir / f".{POINTER}.tmp{os.getpid()}"
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, work_dir / POINTER)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(work_dir)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
-        raise TrainingError(f"could not save checkpoint {final}: {e.strerror or e}{kept}") from None
+        raise TrainingError(f"could not save checkpoint {final}: {_failure_reason(e)}{kept}") from None
     prune(work_dir, keep, newest=final)
     return final
 
@@ -184,7 +198,11 @@ def load_weights(model: Any, ckpt: Path) -> None:
         f = ckpt / "adapter_model.safetensors"
         if not f.exists():
             raise CheckpointError(f"{ckpt} holds no adapter_model.safetensors (was it a full fine-tuning run?)")
-        result = set_peft_model_state_dict(model, load_file(str(f)))
+        try:
+            result = set_peft_model_state_dict(model, load_file(str(f)))
+        except RuntimeError as e:  # size mismatch: the adapter settings (r, targets) changed
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:200])
+            raise CheckpointError(f"{f} does not fit this model's adapters: {detail[:240]}") from None
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{f} does not match this model's adapters: {result.unexpected_keys[:3]}")
         return
@@ -214,16 +232,17 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def restore_rng(ckpt: Path, rng_meta: dict[str, Any]) -> None:
+def restore_rng(ckpt: Path, rng_meta: list[dict[str, Any]], rank: int, device: torch.device) -> None:
+    """Restore this process's random states (rank 0's when the checkpoint came from fewer processes)."""
+    if rank >= len(rng_meta):
+        rank = 0
     tensors = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    py = rng_meta["python"]
+    torch.set_rng_state(tensors[f"rank{rank}.torch_cpu"])
+    if device.type == "cuda" and f"rank{rank}.torch_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rank{rank}.torch_cuda"], device)
+    py = rng_meta[rank]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = rng_meta["numpy"]
+    n = rng_meta[rank]["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 

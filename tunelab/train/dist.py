@@ -69,6 +69,15 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every process's `obj`, by rank (pickled in memory by torch.distributed, never written to a file)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

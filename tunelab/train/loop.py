@@ -127,11 +127,13 @@ def memory_gib(device: torch.device) -> float:
 
 def fingerprint(cfg: Config, n_rows: int, world: int) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    return {"model.path": cfg.model.path, "model.quantization": cfg.model.quantization,
+    return {"model.path": cfg.model.path, "model.revision": cfg.model.revision,
+            "model.quantization": cfg.model.quantization,
             "model.lora": cfg.model.lora.model_dump() if cfg.model.lora else None,
             "data": [s.model_dump(mode="json") for s in cfg.data.specs()],
             "data.max_length": cfg.data.max_length, "data.pack_to_max_length": cfg.data.pack_to_max_length,
-            "data.rows": n_rows, "train.batch_size": cfg.train.batch_size,
+            "data.shuffle": cfg.data.shuffle, "data.rows": n_rows, "train.seed": cfg.train.seed,
+            "train.batch_size": cfg.train.batch_size,
             "train.accumulative_counts": cfg.train.accumulative_counts, "world_size": world}
 
 
@@ -166,6 +168,8 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
           resume_force: bool = False) -> RunResult:
     # ---- 1. run folder, device, processes ---------------------------------------------------------------
     work_dir = Path(work_dir or Path("work_dirs") / config_name)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise OutputExistsError(f"--work-dir {work_dir} is a file, not a folder")
     info, device = dist.setup(choose_device(cfg.train.device))
     resume_from = _find_resume_checkpoint(work_dir, resume)
     if info.is_main:
@@ -241,10 +245,10 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
                                       + "\n  ".join(diff) + "\npass --resume-force to resume anyway")
             ckpt_io.load_weights(model, resume_from)
             ckpt_io.load_optimizer(optimizer, resume_from)
-            ckpt_io.restore_rng(resume_from, extra["rng"])
+            ckpt_io.restore_rng(resume_from, extra["rng"], info.rank, device)
             if extra.get("scaler"):
                 scaler.load_state_dict(extra["scaler"])
-            state.step, state.tokens_seen = old.step, old.tokens_seen
+            state.step, state.tokens_seen, state.bad_steps = old.step, old.tokens_seen, old.bad_steps
             logger.info(f"resumed from {resume_from} at step {state.step}/{total}")
         logger.info(f"training: {total} steps ({steps_per_epoch}/epoch x {cfg.train.max_epochs} epochs"
                     f"{', capped by max_steps' if cfg.train.max_steps and total == cfg.train.max_steps else ''}), "
@@ -322,7 +326,8 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
                 # no periodic save inside a streak of skipped updates: the last good checkpoint stays the newest
                 periodic = state.step % cfg.runtime.save_steps == 0 and state.bad_steps == 0
                 if periodic or state.step == total or stop_now:
-                    last_saved = _save(work_dir, state, model, optimizer, scaler, config_yaml, cfg, info, logger)
+                    last_saved = _save(work_dir, state, model, optimizer, scaler, config_yaml, cfg, info, device,
+                                       logger)
                 if stop_now:
                     signum = stop.signum or signal.SIGTERM
                     raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {state.step}/{total}; "
@@ -358,13 +363,14 @@ def _find_resume_checkpoint(work_dir: Path, resume: str | bool) -> Path | None:
 
 
 def _save(work_dir: Path, state: ckpt_io.TrainState, model: Any, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, config_yaml: str, cfg: Config, info: dist.DistInfo,
+          scaler: torch.amp.GradScaler, config_yaml: str, cfg: Config, info: dist.DistInfo, device: torch.device,
           logger: RunLogger) -> Path:
     path = work_dir / f"iter_{state.step}"
+    rng_states = dist.gather_objects(ckpt_io.rng_state(device), info)
     if info.is_main:
         scaler_state = scaler.state_dict() if scaler.is_enabled() else None
         path = ckpt_io.save_checkpoint(work_dir, state, model, optimizer, scaler_state, config_yaml,
-                                       cfg.runtime.save_total_limit)
+                                       cfg.runtime.save_total_limit, rng_states)
         logger.info(f"saved checkpoint {path}")
     dist.barrier(info)
     return path
