@@ -164,3 +164,21 @@ def test_a_base_without_chat_template_exports_without_prompt_files(trained, tmp_
     out = checkpoint_to_hf(plain, res.checkpoint, tmp_path / "adapter")
     assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not (out / "tunelab.json").exists() and not (out / "chat_template.jinja").exists()
+
+
+def test_a_full_model_export_carries_template_and_stop_ids(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(4))
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data, model={"lora": None}),
+                      ["train.max_steps=1", "data.prompt_template=qwen_chat", "data.system=Be brief."])
+    res = train(cfg, "tiny_full", work_dir=tmp_path / "work")
+    out = checkpoint_to_hf(cfg, res.checkpoint, tmp_path / "full")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert gen.eos_token_id == ids and gen.bos_token_id == 3  # the stop ids added, the model's own kept
+    assert json.loads((out / "tunelab.json").read_text())["system"] == "Be brief."
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    AutoModelForCausalLM.from_pretrained(str(out))

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tunelab.data.sidecar import SIDECAR, TrainedPrompt, write_sidecar
+from tunelab.data.sidecar import SIDECAR, TrainedPrompt, choose_template, write_sidecar
 from tunelab.errors import DataError
 
 
 def test_template_choice_follows_the_sidecar_and_the_flag_overrides(tiny_tokenizer, tmp_path, capsys):
     from tunelab import ui
-    from tunelab.infer.generate import choose_template
 
     assert choose_template(None, str(tmp_path), tiny_tokenizer).name == "hf"  # no sidecar: the tokenizer's own
     write_sidecar(tmp_path, TrainedPrompt("gemma", "Sys", ("<end_of_turn>", "<x>")))

@@ -7,19 +7,22 @@ trained on.
 - generation_config.json, whose `eos_token_id` lists the template's stop words that are single tokens, so
   `generate` stops at the end of a turn with no flag;
 - `tunelab.json`: template name, system prompt, all stop words (multi-token ones too), base model, tunelab
-  version. chat, web, serve, export-app and eval read it back with `read_sidecar`.
+  version.
+
+`choose_template` is how chat, web, serve, export-app and eval pick the template a model folder asks for.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab import __version__
+from tunelab import __version__, ui
 from tunelab.data.chat_template import chat_template_for
-from tunelab.data.templates import Renderer, stop_token_ids
+from tunelab.data.templates import TEMPLATE_NAMES, Renderer, get_template, stop_token_ids
 from tunelab.errors import DataError
 
 SIDECAR = "tunelab.json"
@@ -90,3 +93,36 @@ def write_stop_ids(folder: Path, tokenizer: Any, stop_words: tuple[str, ...]) ->
     if ids:
         cfg["eos_token_id"] = ids[0] if len(ids) == 1 else ids
     path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def prompt_folders(model: str, adapter: str | Path | None) -> tuple[str, str]:
+    """(where tunelab.json is looked for, where the tokenizer comes from). An adapter folder that carries its
+    own tokenizer or tunelab.json was exported with what its run learnt: it wins over the base model."""
+    a = Path(adapter) if adapter else None
+    if a is None or not any((a / f).exists() for f in ("tokenizer_config.json", SIDECAR)):
+        return model, model
+    return str(a), str(a) if (a / "tokenizer_config.json").exists() else model
+
+
+def choose_template(requested: str | None, folder: str, tokenizer: Any) -> Renderer:
+    """The template (and default system prompt) a model was trained with, from its tunelab.json; else the
+    tokenizer's own chat template; else XTuner's `default`. `requested` (--prompt-template) overrides the
+    template, with one warning when it is not the trained one."""
+    trained = read_sidecar(folder) if Path(folder).is_dir() else None
+    if trained is None:
+        return get_template(requested or ("hf" if getattr(tokenizer, "chat_template", None) else "default"),
+                            tokenizer)
+    where = Path(folder) / SIDECAR
+    name = requested or trained.prompt_template
+    if requested and requested != trained.prompt_template:
+        ui.warn("prompt-template-differs", f"--prompt-template {requested} differs from the template this model "
+                f"was trained with ({trained.prompt_template}, in {where})")
+    elif name not in TEMPLATE_NAMES:
+        raise DataError(f"{where}: prompt_template '{name}' is not known to this tunelab; pass --prompt-template")
+    elif ui.is_main_process():  # on stderr: a script reading the answers from stdout sees only those
+        note = f"prompt template {name}" + (" and system prompt" if trained.system else "")
+        print(f"{note} from {where}", file=sys.stderr)
+    renderer = get_template(name, tokenizer, trained.system)
+    # the stop words the run recorded end a turn too, also when --prompt-template picks another template
+    renderer.stop_words = tuple(dict.fromkeys([*renderer.stop_words, *trained.stop_words]))
+    return renderer

@@ -19,9 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 from tunelab.data.chat_template import chat_template_for
+from tunelab.data.sidecar import choose_template, prompt_folders
 from tunelab.errors import ModelError
 from tunelab.export.output import check_output, staged_output
-from tunelab.infer.generate import choose_template, prompt_folders
 from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import check_weights, load_tokenizer, resolve_model_path
 

@@ -6,7 +6,6 @@ prompt template used in training, generate with stop words, greedily or by sampl
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +13,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from tunelab import ui
 from tunelab.data.encode import encode_for_generation
 from tunelab.data.formats import Conversation, Message
-from tunelab.data.sidecar import SIDECAR, read_sidecar
-from tunelab.data.templates import TEMPLATE_NAMES, Renderer, get_template, stop_token_ids
-from tunelab.errors import DataError, ModelError, TunelabError
+from tunelab.data.sidecar import choose_template, prompt_folders
+from tunelab.data.templates import Renderer, stop_token_ids
+from tunelab.errors import ModelError, TunelabError
 from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
@@ -73,39 +71,6 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     label = Path(resolved).name + (f" + {Path(adapter).name}" if adapter else "")
     return ChatModel(model, tokenizer, renderer, dev, label, ctx)
-
-
-def prompt_folders(model: str, adapter: str | Path | None) -> tuple[str, str]:
-    """(where tunelab.json is looked for, where the tokenizer comes from). An adapter folder that carries its
-    own tokenizer or tunelab.json was exported with what its run learnt: it wins over the base model."""
-    a = Path(adapter) if adapter else None
-    if a is None or not any((a / f).exists() for f in ("tokenizer_config.json", SIDECAR)):
-        return model, model
-    return str(a), str(a) if (a / "tokenizer_config.json").exists() else model
-
-
-def choose_template(requested: str | None, folder: str, tokenizer: Any) -> Renderer:
-    """The template (and default system prompt) a model was trained with, from its tunelab.json; else the
-    tokenizer's own chat template; else XTuner's `default`. `requested` (--prompt-template) overrides the
-    template, with one warning when it is not the trained one."""
-    trained = read_sidecar(folder) if Path(folder).is_dir() else None
-    if trained is None:
-        return get_template(requested or ("hf" if getattr(tokenizer, "chat_template", None) else "default"),
-                            tokenizer)
-    where = Path(folder) / SIDECAR
-    name = requested or trained.prompt_template
-    if requested and requested != trained.prompt_template:
-        ui.warn("prompt-template-differs", f"--prompt-template {requested} differs from the template this model "
-                f"was trained with ({trained.prompt_template}, in {where})")
-    elif name not in TEMPLATE_NAMES:
-        raise DataError(f"{where}: prompt_template '{name}' is not known to this tunelab; pass --prompt-template")
-    else:
-        note = f"prompt template {name}" + (" and system prompt" if trained.system else "")
-        print(f"{note} from {where}", file=sys.stderr)
-    renderer = get_template(name, tokenizer, trained.system)
-    # the stop words the run recorded end a turn too, also when --prompt-template picks another template
-    renderer.stop_words = tuple(dict.fromkeys([*renderer.stop_words, *trained.stop_words]))
-    return renderer
 
 
 def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
