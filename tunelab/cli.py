@@ -88,7 +88,8 @@ def _in_range(kind: type, low: float, high: float | None = None, low_open: bool 
 
 def _add_generation_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
     p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
-    p.add_argument("--prompt-template", help="XTuner template name or 'hf' (default: the tokenizer's own)")
+    p.add_argument("--prompt-template", help="XTuner template name or 'hf' (default: the one the model was "
+                   "trained with, from its tunelab.json, else the tokenizer's own)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized to 4 or 8 bits")
     p.add_argument("--temperature", type=_in_range(float, 0, 100), default=temperature, help="0 = greedy decoding")

@@ -84,10 +84,27 @@ def test_unknown_template_suggests_the_closest(tiny_tokenizer):
         get_template("internlm2_caht", tiny_tokenizer)
 
 
-def test_all_xtuner_template_names_exist():
-    for name in ("internlm2_chat", "internlm_chat", "qwen_chat", "llama3_chat", "llama2_chat", "mistral", "zephyr",
-                 "chatglm3", "baichuan2_chat", "default"):
-        assert name in TEMPLATES
+# XTuner 0.1.23's PROMPT_TEMPLATE names, as it spells them (xtuner/utils/templates.py at tag v0.1.23)
+XTUNER_0_1_23 = ("default", "zephyr", "internlm_chat", "internlm2_chat", "moss_sft", "llama2_chat",
+                 "code_llama_chat", "chatglm2", "chatglm3", "qwen_chat", "baichuan_chat", "baichuan2_chat",
+                 "wizardlm", "wizardcoder", "vicuna", "deepseek_coder", "deepseekcoder", "deepseek_moe",
+                 "deepseek_v2", "mistral", "mixtral", "minicpm", "gemma", "cohere_chat", "llama3_chat", "phi3_chat")
+
+
+def test_every_xtuner_0_1_23_template_name_is_accepted(tiny_tokenizer):
+    assert sorted(TEMPLATES) == sorted(XTUNER_0_1_23)
+    for name in XTUNER_0_1_23:
+        assert get_template(name, tiny_tokenizer).name == name
+    assert TEMPLATES["deepseekcoder"] == TEMPLATES["deepseek_coder"]  # two spellings of one template
+
+
+def test_a_default_system_prompt_fills_in_only_where_none_is_given(tiny_tokenizer):
+    t = get_template("internlm2_chat", tiny_tokenizer, system="D")
+    without = Conversation(CONV.messages[1:])
+    assert t.render(without)[0][0].startswith("<s><|im_start|>system\nD<|im_end|>\n")
+    assert t.render(CONV)[0][0].startswith("<s><|im_start|>system\nS<|im_end|>\n")
+    hf = get_template("hf", tiny_tokenizer, system="D")
+    assert hf.render(without)[0][0].startswith("<|im_start|>system\nD<|im_end|>\n")
 
 
 def test_a_chat_template_that_raises_refuses_the_record(tiny_tokenizer):

@@ -34,6 +34,8 @@ def test_to_hf_writes_a_peft_adapter_that_peft_loads(trained, tiny_model_dir):
     assert "tokenizer.json" in names and "README.md" in names
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     assert AutoTokenizer.from_pretrained(str(out)).chat_template  # the chat template travels with it
+    side = json.loads((out / "tunelab.json").read_text())
+    assert side["prompt_template"] == "hf" and side["system"] is None and side["stop_words"] == ["<|im_end|>"]
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     model = PeftModel.from_pretrained(base, str(out))
     assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -122,3 +124,61 @@ def test_existing_non_empty_output_is_refused_and_kept(trained):
     with pytest.raises(OutputExistsError, match="already exists and is not empty"):
         checkpoint_to_hf(cfg, res.checkpoint, out)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_to_hf_exports_the_template_the_checkpoint_was_trained_with(trained, tmp_path):
+    """The config given to convert may say something else than the run did: the checkpoint's config.yaml wins."""
+    from tunelab import ui
+
+    _, cfg, res = trained
+    edited = cfg.model_copy(update={"data": cfg.data.model_copy(update={"prompt_template": "qwen_chat",
+                                                                        "system": "Edited."})})
+    seen: list[str] = []
+
+    def sink(key: str, msg: str) -> None:
+        seen.append(msg)
+
+    ui.add_warning_sink(sink)
+    try:
+        out = checkpoint_to_hf(edited, res.checkpoint, tmp_path / "adapter")
+    finally:
+        ui.remove_warning_sink(sink)
+    side = json.loads((out / "tunelab.json").read_text())
+    assert (side["prompt_template"], side["system"]) == ("hf", None)
+    assert seen == [("the checkpoint was trained with prompt template hf (its config.yaml), the config given says "
+                     "qwen_chat; exporting hf")]
+
+
+def test_a_base_without_chat_template_exports_without_prompt_files(trained, tmp_path, tiny_model_dir):
+    """Pre-training text needs no chat template; the export then has nothing to carry and says nothing."""
+    import shutil
+
+    _, cfg, res = trained
+    base = tmp_path / "plain_base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(base)})})
+    out = checkpoint_to_hf(plain, res.checkpoint, tmp_path / "adapter")
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "tunelab.json").exists() and not (out / "chat_template.jinja").exists()
+
+
+def test_a_full_model_export_carries_template_and_stop_ids(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(4))
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data, model={"lora": None}),
+                      ["train.max_steps=1", "data.prompt_template=qwen_chat", "data.system=Be brief."])
+    res = train(cfg, "tiny_full", work_dir=tmp_path / "work")
+    out = checkpoint_to_hf(cfg, res.checkpoint, tmp_path / "full")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert gen.eos_token_id == ids and gen.bos_token_id == 3  # the stop ids added, the model's own kept
+    assert json.loads((out / "tunelab.json").read_text())["system"] == "Be brief."
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    AutoModelForCausalLM.from_pretrained(str(out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -61,8 +62,13 @@ def test_export_folder_contents_and_overwrite_rule(tiny_model_dir: Path, tmp_pat
 
     cfg = json.loads((out / "app_config.json").read_text())
     assert cfg["template_name"] == "qwen_chat" and cfg["system"] == SYSTEM and cfg["hub_id"] is None
-    assert cfg["template"]["instruction"] == "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
-    assert cfg["template"]["suffix_as_eos"] is True and cfg["stop_words"] == ["<|im_end|>", "<|endoftext|>"]
+    assert cfg["stop_words"] == ["<|im_end|>", "<|endoftext|>"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out / "model"))
+    tok.chat_template = cfg["chat_template"]  # what app.py does
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
     before = sorted(p.name for p in out.rglob("*"))
     again = run_cli("export-app", str(tiny_model_dir), str(out), timeout=180)
@@ -131,7 +137,9 @@ def test_exported_app_runs_in_a_fresh_venv(tiny_model_dir: Path, tiny_adapter: P
     assert pip.returncode == 0, pip.stderr[-3000:]
     print(f"fresh venv from requirements.txt: {time.monotonic() - t0:.0f}s")
     python = str(venv / "bin" / "python")
-    fresh = subprocess.run([python, "-c", "import tunelab"], capture_output=True, cwd=tmp_path)
+    bare_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a worktree on PYTHONPATH is no install
+    fresh = subprocess.run([python, "-c", "import tunelab"], capture_output=True, cwd=tmp_path, env=bare_env,
+                           check=False)
     assert fresh.returncode != 0  # really fresh: tunelab is not in it
 
     references = {

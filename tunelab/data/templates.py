@@ -7,10 +7,14 @@ Two kinds, one interface (`render`):
   conversation up to each assistant turn, so the same template serves training and chat.
 
 Training and chat both call `render`, so a fine-tuned model sees at chat time exactly what it saw in training.
+A renderer made with a default system prompt (the run's `data.system`, at chat time) gives it to every
+conversation that has no system message, as training did. `data/chat_template.py` writes the same rules as a
+Jinja chat template, so an exported tokenizer renders the same string.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +69,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
                                   "### Instruction:\n{input}\n\n### Response:", sep="\n\n"),
     "vicuna": PromptTemplate(_VICUNA_SYS, "USER: {input} ASSISTANT:", sep="\n"),
     "deepseek_coder": PromptTemplate(_DEEPSEEK_CODER_SYS, "### Instruction:\n{input}\n### Response:\n", sep="\n"),
+    # XTuner 0.1.23 spells it both ways (the second slated for removal there); both are accepted here
+    "deepseekcoder": PromptTemplate(_DEEPSEEK_CODER_SYS, "### Instruction:\n{input}\n### Response:\n", sep="\n"),
     "deepseek_moe": PromptTemplate("[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
     "deepseek_v2": PromptTemplate("{system}\n\n", "User: {input}\n\nAssistant: ", "<｜end▁of▁sentence｜>", True,
                                   "", ("<｜end▁of▁sentence｜>",)),
@@ -91,6 +97,7 @@ TEMPLATE_NAMES = ("hf", *TEMPLATES)
 class Renderer(Protocol):
     name: str
     stop_words: tuple[str, ...]
+    system: str | None  # given to conversations without a system message
 
     def render(self, conv: Conversation, add_generation_prompt: bool = False) -> Segments: ...
 
@@ -110,15 +117,16 @@ def _turns(conv: Conversation) -> tuple[str | None, list[tuple[Message, Message 
 class XTunerTemplate:
     """XTuner's string templates; BOS/EOS are inserted as the tokenizer's token strings."""
 
-    def __init__(self, name: str, template: PromptTemplate, bos: str, eos: str):
+    def __init__(self, name: str, template: PromptTemplate, bos: str, eos: str, system: str | None = None):
         self.name = name
         self.t = template
         self.bos = bos
         self.eos = eos
+        self.system = system
         self.stop_words = tuple(dict.fromkeys([*template.stop_words, *([eos] if eos else [])]))
 
     def render(self, conv: Conversation, add_generation_prompt: bool = False) -> Segments:
-        system, turns = _turns(conv)
+        system, turns = _turns(apply_system(conv, self.system))
         out: Segments = []
         need_bos = True
         for i, (user, reply) in enumerate(turns):
@@ -146,11 +154,12 @@ class HFTemplate:
 
     name = "hf"
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, system: str | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("prompt_template 'hf' needs a tokenizer with a chat template; this tokenizer has none "
                             f"(pick one of: {', '.join(TEMPLATES)})")
         self.tokenizer = tokenizer
+        self.system = system
         eos = tokenizer.eos_token
         self.stop_words = (eos,) if eos else ()
 
@@ -164,6 +173,7 @@ class HFTemplate:
             raise RecordError(f"chat template: {(str(e) or type(e).__name__).splitlines()[0]}") from None
 
     def render(self, conv: Conversation, add_generation_prompt: bool = False) -> Segments:
+        conv = apply_system(conv, self.system)
         msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
         out: Segments = []
         done = ""
@@ -197,16 +207,30 @@ class HFTemplate:
         return [(text, m.loss)]
 
 
-def get_template(name: str, tokenizer: Any) -> Renderer:
+def get_template(name: str, tokenizer: Any, system: str | None = None) -> Renderer:
+    """The renderer for a template name; `system` is the default system prompt (None: no default)."""
     if name == "hf":
-        return HFTemplate(tokenizer)
+        return HFTemplate(tokenizer, system)
     if name not in TEMPLATES:
         import difflib
 
         close = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DataError(f"unknown prompt template '{name}'{hint} (known: {', '.join(TEMPLATE_NAMES)})")
-    return XTunerTemplate(name, TEMPLATES[name], tokenizer.bos_token or "", tokenizer.eos_token or "")
+    return XTunerTemplate(name, TEMPLATES[name], tokenizer.bos_token or "", tokenizer.eos_token or "", system)
+
+
+def stop_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(ids of the stop words that are one token of the vocabulary, the other stop words): generation ends on
+    the first kind by id, on the second by matching text."""
+    ids, texts = [], []
+    for w in words:
+        tid = tokenizer.convert_tokens_to_ids(w) if w else None
+        if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == w:  # not the unknown-token id
+            ids.append(tid)
+        elif w:
+            texts.append(w)
+    return ids, texts
 
 
 def apply_system(conv: Conversation, system: str | None) -> Conversation:

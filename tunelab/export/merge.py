@@ -1,5 +1,6 @@
 """Merge a PEFT adapter into its base model and save a plain Hugging Face model folder (sharded safetensors,
-tokenizer, chat template), loadable without peft."""
+tokenizer, chat template), loadable without peft. An adapter exported by tunelab passes on its tokenizer (the
+run's chat template) and tunelab.json, and its stop ids go into the merged generation_config.json."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tunelab import ui
+from tunelab.data.sidecar import read_sidecar, write_sidecar, write_stop_ids
 from tunelab.errors import ConfigError
 from tunelab.export.output import staged_output
 from tunelab.infer.generate import attach_adapter, check_adapter
@@ -23,6 +25,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
     base_path = resolve_model_path(base)
     dev = choose_device(device)
     check_adapter(adapter, base_path, trust_remote_code)
+    trained = read_sidecar(adapter)  # a broken tunelab.json is reported before the model loads
     with staged_output(out, overwrite) as tmp:
         cfg_file = Path(base_path) / "config.json"
         saved_dtype = None
@@ -38,7 +41,11 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
         model.config.use_cache = True
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_bytes)
         tok_src = str(adapter) if (Path(adapter) / "tokenizer_config.json").exists() else base_path
-        load_tokenizer(tok_src, trust_remote_code).save_pretrained(str(tmp))
+        tokenizer = load_tokenizer(tok_src, trust_remote_code)
+        tokenizer.save_pretrained(str(tmp))
+        if trained is not None:
+            write_stop_ids(tmp, tokenizer, trained.stop_words)
+            write_sidecar(tmp, trained)
     ui.info(f"wrote merged model to {out}")
     return out
 

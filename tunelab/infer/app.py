@@ -1,13 +1,14 @@
 """`tunelab export-app`: write a folder that runs as a Gradio chat page without tunelab (e.g. a hub Space).
 
 The folder holds `app.py` (plain transformers + gradio; the source is `APP_PY` below), `app_config.json` (what
-the page needs: where the model is, the prompt template's strings, the system prompt, stop words),
+the page needs: where the model is, the chat template, the system prompt, stop words),
 `requirements.txt` pinned to the versions installed here, a README.md with the Space front-matter, a
 `.gitattributes` that keeps weights in LFS, and the model's files under `model/` (unless a hub id is given) and
 the adapter's under `adapter/`. It is written beside its destination and renamed in at the end.
 
-Prompts are rendered as tunelab renders them at chat time: with the tokenizer's chat template ("hf"), or with the
-named XTuner template, whose strings are copied into app_config.json and rendered by the same rules.
+Prompts are rendered as tunelab renders them at chat time: the template is chosen as `tunelab chat` chooses it
+(the model's tunelab.json, else the tokenizer's own, unless --prompt-template says otherwise) and goes into
+app_config.json as a Jinja chat template, which the app gives to `apply_chat_template`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from tunelab.data.templates import TEMPLATES, XTunerTemplate, get_template
+from tunelab.data.chat_template import chat_template_for
+from tunelab.data.sidecar import choose_template, prompt_folders
 from tunelab.errors import ModelError
 from tunelab.export.output import check_output, staged_output
 from tunelab.model.adapters import check_adapter_fits
@@ -53,6 +55,8 @@ def load():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").exists() else source
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    if CONFIG.get("chat_template"):  # the template the model was trained with, as tunelab renders it
+        tokenizer.chat_template = CONFIG["chat_template"]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -70,44 +74,20 @@ LOCK = threading.Lock()  # one model: one answer at a time
 STOPS = [s for s in CONFIG.get("stop_words", []) if s]
 
 
-def segments(system, history, question):
-    """The prompt as text pieces, tokenised one by one (as in training)."""
-    t = CONFIG.get("template")
-    if t is None:  # the tokenizer's own chat template
-        msgs = [{"role": "system", "content": system}] if system else []
-        for q, a in history:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        msgs.append({"role": "user", "content": question})
-        return [TOKENIZER.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)]
-    out = []
-    need_bos = True
-    for i, (q, a) in enumerate([*history, (question, None)]):
-        prompt = t["bos"] if need_bos else ""
-        if i == 0 and system:
-            prompt += t["system"].format(system=system, round=i + 1)
-        prompt += t["instruction"].format(input=q, round=i + 1)
-        out.append(prompt)
-        if a is None:
-            break
-        out.append(a + t["suffix"])
-        need_bos = not t["suffix_as_eos"]
-        if need_bos and t["eos"]:
-            out.append(t["eos"])
-        if t["sep"]:
-            out.append(t["sep"])
-    return [s for s in out if s]
-
-
 def prompt_ids(system, history, question):
-    return [i for s in segments(system, history, question)
-            for i in TOKENIZER(s, add_special_tokens=False)["input_ids"]]
+    msgs = [{"role": "system", "content": system}] if system else []
+    for q, a in history:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": question})
+    text = TOKENIZER.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return TOKENIZER(text, add_special_tokens=False)["input_ids"]
 
 
 def eos_ids():
     ids = {TOKENIZER.eos_token_id}
     for w in STOPS:
         tid = TOKENIZER.convert_tokens_to_ids(w)
-        if isinstance(tid, int) and tid != TOKENIZER.unk_token_id:
+        if isinstance(tid, int) and TOKENIZER.convert_ids_to_tokens(tid) == w:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
 
@@ -278,18 +258,15 @@ def export_app(model: str, out: Path, adapter: str | None = None, template: str 
         if local:
             check_adapter_fits(a, resolved)
 
-    tok = None
+    renderer = None  # None: the hub tokenizer's own chat template, as it is
     if local or (template and template != "hf"):
-        tok = load_tokenizer(str(a) if a and (a / "tokenizer_config.json").exists() else resolved)
-    name = template or ("hf" if tok is None or getattr(tok, "chat_template", None) else "default")
-    renderer = get_template(name, tok) if tok is not None else None  # the same checks and errors as chat
-    prompt = None  # None: the tokenizer's own chat template
-    if isinstance(renderer, XTunerTemplate):
-        t = TEMPLATES[name]
-        prompt = {"system": t.system, "instruction": t.instruction, "suffix": t.suffix,
-                  "suffix_as_eos": t.suffix_as_eos, "sep": t.sep, "bos": renderer.bos, "eos": renderer.eos}
+        prompt_dir, tokenizer_dir = prompt_folders(resolved, a)
+        tok = load_tokenizer(tokenizer_dir)
+        renderer = choose_template(template, prompt_dir, tok)  # the same checks and errors as chat
+    name = renderer.name if renderer else (template or "hf")
     config = {"title": Path(resolved).name + (f" + {a.name}" if a else ""), "hub_id": hub_id, "adapter": bool(a),
-              "system": system, "template_name": name, "template": prompt,
+              "system": system or (renderer.system if renderer else None), "template_name": name,
+              "chat_template": chat_template_for(renderer) if renderer else None,
               "stop_words": list(renderer.stop_words) if renderer else [], "temperature": 0.0,
               "max_new_tokens": 512}
 

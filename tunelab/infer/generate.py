@@ -15,7 +15,8 @@ import torch
 
 from tunelab.data.encode import encode_for_generation
 from tunelab.data.formats import Conversation, Message
-from tunelab.data.templates import Renderer, get_template
+from tunelab.data.sidecar import choose_template, prompt_folders
+from tunelab.data.templates import Renderer, stop_token_ids
 from tunelab.errors import ModelError, TunelabError
 from tunelab.model.adapters import check_adapter_fits
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
@@ -55,8 +56,9 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
                     trust_remote_code: bool = False, device: str = "auto") -> ChatModel:
     dev = choose_device(device)
     resolved = resolve_model_path(path)
-    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists()
-                               else resolved, trust_remote_code)
+    prompt_dir, tokenizer_dir = prompt_folders(resolved, adapter)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    renderer = choose_template(template, prompt_dir, tokenizer)  # before the weights: a bad name fails fast
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     quant = {None: "none", 4: "nf4", 8: "int8"}[bits]
     if adapter:
@@ -66,8 +68,6 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
         model = attach_adapter(model, adapter, resolved)
     model.eval()
     model.config.use_cache = True
-    name = template or ("hf" if getattr(tokenizer, "chat_template", None) else "default")
-    renderer = get_template(name, tokenizer)
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     label = Path(resolved).name + (f" + {Path(adapter).name}" if adapter else "")
     return ChatModel(model, tokenizer, renderer, dev, label, ctx)
@@ -112,14 +112,9 @@ def prompt_ids(chat: ChatModel, conv: Conversation, max_new_tokens: int = 0) -> 
 def _generate_kwargs(chat: ChatModel, opts: GenerationOptions) -> dict[str, Any]:
     kw: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, pad_token_id=chat.tokenizer.pad_token_id,
                               repetition_penalty=opts.repetition_penalty, use_cache=True)
-    eos = {chat.tokenizer.eos_token_id}
-    multi_token = []  # template stop words that are not one token: matched as text, like the user's
-    for w in chat.stop_words:
-        tid = chat.tokenizer.convert_tokens_to_ids(w)
-        if isinstance(tid, int) and tid != chat.tokenizer.unk_token_id:
-            eos.add(tid)
-        elif w:
-            multi_token.append(w)
+    # template stop words that are not one token are matched as text, like the user's
+    stop_ids, multi_token = stop_token_ids(chat.tokenizer, chat.stop_words)
+    eos = {chat.tokenizer.eos_token_id, *stop_ids}
     kw["eos_token_id"] = sorted(t for t in eos if t is not None)
     text_stops = [w for w in [*opts.stop_words, *multi_token] if w]
     if text_stops:
