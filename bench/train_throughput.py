@@ -3,17 +3,25 @@
 Same cases as bench/peer_baseline.py (copied unchanged from ../shared/bench): real model shapes with random
 weights, packed rows of 64..1024-token documents with position ids restarting per document and the first 40%
 of each document out of the loss. tunelab's path is the one `tunelab train` runs: a saved model folder ->
-load_model (quantization, attention backend) -> Liger kernels -> activation checkpointing -> LoRA or full ->
-LossModule -> accumulate_gradients -> clip -> AdamW. Prints one JSON line per case.
+load_model -> LoRA or full -> kernels.prepare_for_training (the "auto" speed settings) -> LossModule ->
+accumulate_gradients -> clip -> AdamW. Prints one JSON line per case (and appends it to --out).
 
-usage: python bench/train_throughput.py CASE [CASE...]
+A case runs with tunelab's defaults unless a variant follows its name, e.g.
+    lora_flex_liger                      defaults: every speed setting "auto", micro-batches of 1 row
+    lora_flex_liger:ckpt=full,compile=off,liger=on,attn=flex_attention,mb=4,cast=on   the 2026-11-22 path
+keys: ckpt=auto|on|off|offload  compile=auto|on|off|cudagraphs  liger=auto|on|off  attn=auto|sdpa|flex_attention
+      budget=F (compiled layers: activation memory budget, 0..1)  rows=N (rows per step instead of the case's)
+      mb=N (rows per micro-batch; the step is always the case's rows)  cast=on (keep peft's input cast)
+      prof=1 (print the profiler's top kernels for two steps)
+
+usage: python bench/train_throughput.py [--models DIR] [--out FILE] CASE[:VARIANT] [...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -24,47 +32,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_baseline import SHAPES, packed_batch  # noqa: E402  (the peer's workload generator, unchanged)
 
-from tunelab.config.schema import LoraSettings, TrainSettings  # noqa: E402
-from tunelab.model.adapters import add_lora, enable_checkpointing, make_full_trainable  # noqa: E402
-from tunelab.model.load import apply_liger, load_model  # noqa: E402
+from tunelab.config.schema import LoraSettings, ModelSettings, TrainSettings  # noqa: E402
+from tunelab.model import kernels  # noqa: E402
+from tunelab.model.adapters import add_lora, make_full_trainable  # noqa: E402
+from tunelab.model.load import load_model  # noqa: E402
 from tunelab.train.dist import DistInfo  # noqa: E402
 from tunelab.train.loop import LossModule, accumulate_gradients  # noqa: E402
 from tunelab.train.loss import choose_loss  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
 
-# name: (shape, method, batch, seqlen, liger, attention, activation checkpointing)
+# name: (shape, method, rows per step, row length) -- the peer's cases
 CASES = {
-    "lora_sdpa": ("1_8b", "lora", 4, 4096, False, "sdpa", True),
-    "lora_sdpa_liger": ("1_8b", "lora", 4, 4096, True, "sdpa", True),
-    "lora_flex_liger": ("1_8b", "lora", 4, 4096, True, "flex_attention", True),
-    "full_sdpa_liger": ("1_8b", "full", 4, 4096, True, "sdpa", True),
-    "qlora7b_sdpa": ("7b", "qlora", 1, 2048, False, "sdpa", True),
-    "qlora7b_sdpa_liger": ("7b", "qlora", 1, 2048, True, "sdpa", True),
-    "tutorial_qlora": ("1_8b", "qlora", 1, 1024, False, "sdpa", True),
-    "tutorial_lora": ("1_8b", "lora", 1, 1024, False, "sdpa", True),
-    # tunelab-only variants: what a user can switch on when memory allows
-    "lora_flex_liger_nockpt": ("1_8b", "lora", 4, 4096, True, "flex_attention", False),
-    "tutorial_qlora_nockpt": ("1_8b", "qlora", 1, 1024, False, "sdpa", False),
+    "lora_sdpa": ("1_8b", "lora", 4, 4096),
+    "lora_sdpa_liger": ("1_8b", "lora", 4, 4096),
+    "lora_flex_liger": ("1_8b", "lora", 4, 4096),
+    "full_sdpa_liger": ("1_8b", "full", 4, 4096),
+    "qlora7b_sdpa": ("7b", "qlora", 1, 2048),
+    "qlora7b_sdpa_liger": ("7b", "qlora", 1, 2048),
+    "tutorial_qlora": ("1_8b", "qlora", 1, 1024),
+    "tutorial_lora": ("1_8b", "lora", 1, 1024),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_FOLDERS: dict[str, Path] = {}
+ON_OFF = {"on": True, "off": False, "auto": "auto", "offload": "offload", "full": True, "cudagraphs": "cudagraphs"}
 
 
-def model_folder(shape: str, root: Path) -> Path:
-    """A saved random-weight model of the case's shape (made once per shape and run)."""
-    if shape not in _FOLDERS:
-        from transformers import LlamaConfig, LlamaForCausalLM
+def model_folder(shape: str, root: Path, max_positions: int = 8192) -> Path:
+    """A saved random-weight bf16 model of the case's shape, made once per shape in `root`."""
+    out = root / shape
+    if (out / "config.json").exists():
+        return out
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        out = root / shape
-        model.save_pretrained(str(out), max_shard_size="4GB")
-        del model
-        torch.cuda.empty_cache()
-        _FOLDERS[shape] = out
-    return _FOLDERS[shape]
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(out), max_shard_size="4GB")
+    del model
+    torch.cuda.empty_cache()
+    return out
 
 
 def to_rows(ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> list:
@@ -81,102 +87,134 @@ def to_rows(ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> list:
     return rows
 
 
-def run_case(name: str, root: Path) -> dict:
-    shape, method, bsz, seqlen, liger, attn, ckpt = CASES[name]
+def parse_variant(text: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv) if text else {}
+
+
+def settings_for(method: str, var: dict[str, str], max_length: int) -> tuple[ModelSettings, str]:
+    s = ModelSettings(path="bench", quantization="nf4" if method == "qlora" else "none",
+                      lora=None if method == "full" else LoraSettings(r=64, alpha=16, dropout=0.0,
+                                                                      target_modules=TARGETS),
+                      gradient_checkpointing=ON_OFF[var.get("ckpt", "auto")],
+                      use_liger=ON_OFF[var.get("liger", "auto")], compile=ON_OFF[var.get("compile", "auto")],
+                      attn_implementation=var.get("attn", "auto"))
+    return s, kernels.choose_attention(s.attn_implementation, torch.device("cuda"), max_length)
+
+
+def build(shape: str, method: str, var: dict[str, str], root: Path, seqlen: int, mb: int):
     device = torch.device("cuda")
-    folder = model_folder(shape, root)
-    torch.cuda.empty_cache()
-    model = load_model(str(folder), dtype=torch.bfloat16, device=device,
-                       quantization="nf4" if method == "qlora" else "none", attn_implementation=attn)
-    if liger:
-        apply_liger(model)
-    if ckpt:
-        enable_checkpointing(model)
-    if method == "full":
-        model = make_full_trainable(model)
-    else:
-        model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=TARGETS))
+    settings, attn = settings_for(method, var, seqlen)
+    model = load_model(str(model_folder(shape, root)), dtype=torch.bfloat16, device=device,
+                       quantization=settings.quantization, attn_implementation=attn)
+    model = make_full_trainable(model) if method == "full" else add_lora(model, settings.lora)
+    budget = float(var["budget"]) if "budget" in var else None
+    plan = kernels.prepare_for_training(model, settings, device, tokens_per_micro_batch=mb * seqlen,
+                                        memory_budget=budget)
+    if var.get("cast") == "on":
+        for mod in model.modules():
+            if hasattr(mod, "cast_input_dtype_enabled"):
+                mod.cast_input_dtype_enabled = True
     model.train()
+    return model, plan
+
+
+def run_case(spec: str, root: Path) -> dict:
+    name, _, vtext = spec.partition(":")
+    shape, method, bsz, seqlen = CASES[name]
+    var = parse_variant(vtext)
+    bsz = int(var.get("rows", bsz))
+    mb = int(var.get("mb", 1))
+    device = torch.device("cuda")
+    torch._dynamo.reset()
+    torch._functorch.config.activation_memory_budget = 1.0  # a variant before may have lowered it
+    torch.cuda.empty_cache()
+    t_load = time.perf_counter()
+    model, plan = build(shape, method, var, root, seqlen, mb)
+    load_s = time.perf_counter() - t_load
     torch.cuda.empty_cache()
     model_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
-    loss_module = LossModule(model, choose_loss(liger, device))
+    loss_module = LossModule(model, choose_loss(plan.liger_loss, device))
     optimizer = build_optimizer(model, TrainSettings(lr=1e-5), device)
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator().manual_seed(0)
     batches = [to_rows(*packed_batch(bsz, seqlen, SHAPES[shape]["vocab_size"], gen)[:3]) for _ in range(4)]
-    times, loss = [], float("nan")
-    for s in range(3 + 8):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss, _ = accumulate_gradients(loss_module, [(batches[s % 4], False)], DistInfo(), device,
+    counter = kernels.flop_counter(model)
+
+    def step(rows: list) -> float:
+        micro = [(rows[i:i + mb], False) for i in range(0, len(rows), mb)]
+        loss, _ = accumulate_gradients(loss_module, micro, DistInfo(), device,
                                        torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    times, flops, loss = [], [], float("nan")
+    for s in range(3 + 8):
         torch.cuda.synchronize()
-        if s >= 3:
-            times.append(time.perf_counter() - t)
-    step = sorted(times)[len(times) // 2]
-    res = {"impl": "tunelab", "case": name, "tokens_per_s": round(bsz * seqlen / step), "step_s": round(step, 4),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "model_gib": round(model_gib, 2),
-           "loss": round(loss, 3),
-           "ckpt": ckpt, "attn": attn, "liger": liger}
-    del model, optimizer, loss_module
-    torch.cuda.empty_cache()
-    return res
+        t = time.perf_counter()
+        loss = step(batches[s % 4])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        flops.append(kernels.step_flops(counter, batches[s % 4]))
+    if var.get("prof"):
+        profile(step, batches)
+    timed = sorted(range(3, 11), key=lambda i: times[i])
+    mid = timed[len(timed) // 2]
+    step_s = times[mid]
+    peak = kernels.peak_flops(device)
+    res = {"impl": "tunelab", "case": name, "variant": vtext or "defaults", "tokens_per_s": round(bsz * seqlen / step_s),
+           "step_s": round(step_s, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "model_gib": round(model_gib, 2), "mfu": round(flops[mid] / step_s / peak, 4) if peak else None,
+           "loss": round(loss, 3), "micro_batch_rows": mb, "plan": plan.describe(),
+           "load_s": round(load_s, 1), "first_step_s": round(times[0], 1),
+           "dynamo": {k: v for k, v in torch._dynamo.utils.counters["stats"].items()}}
+    return res  # the model and optimizer go with this frame; main() empties the cache
 
 
-def check_packed_attention() -> dict:
-    """Packed rows must give the same loss under every attention backend, and equal the sum of the
-    documents' losses computed one by one (no document attends to another)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def profile(step, batches: list) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
-    from tunelab.data.pack import collate
-    from tunelab.train.loss import causal_lm_loss
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for s in range(2):
+            step(batches[s])
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
 
-    cfg = LlamaConfig(**{**SHAPES["1_8b"], "num_hidden_layers": 2}, max_position_embeddings=8192,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    gen = torch.Generator().manual_seed(1)
-    rows = to_rows(*packed_batch(1, 4096, cfg.vocab_size, gen)[:3])
-    out = {"check": "packed_attention"}
-    with torch.no_grad():
-        for attn in ("sdpa", "flex_attention", "eager"):
-            model.config._attn_implementation = attn
-            batch = {k: v.cuda() for k, v in collate(rows, 0).items()}
-            out[attn] = float(causal_lm_loss(model, batch)[0])
-        model.config._attn_implementation = "sdpa"
-        ids, labels, lens = rows[0]
-        start, alone = 0, 0.0
-        for n in lens.tolist():
-            one = (ids[start:start + n], labels[start:start + n], np.array([n]))
-            alone += float(causal_lm_loss(model, {k: v.cuda() for k, v in collate([one], 0).items()})[0])
-            start += n
-        out["documents_alone"] = alone
-    ref = out["documents_alone"]
-    out["max_rel_diff"] = max(abs(out[a] - ref) / abs(ref) for a in ("sdpa", "flex_attention", "eager"))
-    return out
+
+def emit(res: dict, out: Path | None) -> None:
+    res.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))
+    line = json.dumps(res)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="/tmp/tl_models", help="folder for the random-weight model folders")
+    ap.add_argument("--out", type=Path, help="append the JSON lines here too")
+    ap.add_argument("cases", nargs="+")
+    args = ap.parse_args()
+    root = Path(args.models)
+    root.mkdir(parents=True, exist_ok=True)
+    for spec in args.cases:
+        t0 = time.time()
+        try:
+            r = run_case(spec, root)
+        except Exception as e:  # noqa: BLE001  (one failing case must not hide the others)
+            traceback.print_exc()
+            name, _, v = spec.partition(":")
+            r = {"impl": "tunelab", "case": name, "variant": v or "defaults", "error": repr(e)[:300]}
+        r["wall_s"] = round(time.time() - t0, 1)
+        emit(r, args.out)
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    import peft
-    import transformers
-
-    print(json.dumps({"impl": "tunelab", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "transformers": transformers.__version__, "peft": peft.__version__}), flush=True)
-    if "--check" in sys.argv:
-        print(json.dumps(check_packed_attention()), flush=True)
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        for name in [a for a in sys.argv[1:] if not a.startswith("--")]:
-            t0 = time.time()
-            try:
-                r = run_case(name, Path(tmp))
-            except Exception as e:
-                traceback.print_exc()
-                r = {"impl": "tunelab", "case": name, "error": repr(e)[:300]}
-            r["wall_s"] = round(time.time() - t0, 1)
-            print(json.dumps(r), flush=True)
+    main()

@@ -30,7 +30,8 @@ def _quiet_libraries(debug: bool) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx"):
+    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx",
+                 "liger_kernel"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tunelab.errors import ModelError
-from tunelab.model.load import (choose_attention, choose_device, choose_dtype, load_model, load_tokenizer,
+from tunelab.model.load import (choose_device, choose_dtype, load_model, load_tokenizer,
                                 resolve_model_path)
 
 
@@ -46,14 +46,6 @@ def test_choose_dtype_by_name_and_auto_follows_the_cpu() -> None:
     flags = Path("/proc/cpuinfo").read_text()
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     assert choose_dtype("auto", cpu) is (torch.bfloat16 if native_bf16 else torch.float32)
-
-
-def test_choose_attention_defaults_to_sdpa_and_refuses_flex_on_cpu() -> None:
-    cpu = torch.device("cpu")
-    assert choose_attention("auto", cpu) == "sdpa"
-    assert choose_attention("eager", cpu) == "eager"
-    with pytest.raises(ModelError, match="'flex_attention' needs a CUDA GPU"):
-        choose_attention("flex_attention", cpu)
 
 
 def test_choose_device_cuda_only_when_there_is_one() -> None:

@@ -103,7 +103,7 @@ def build_config(name: str) -> dict[str, Any]:
     m, meth, d = MODELS[model_key], METHODS[method_key], DATASETS[data_key]
     pretrain = data_key == "custom_pretrain"
     raw: dict[str, Any] = {
-        "model": {"path": m.path, "trust_remote_code": False, **meth.model, "gradient_checkpointing": True},
+        "model": {"path": m.path, "trust_remote_code": False, **meth.model, "gradient_checkpointing": "auto"},
         "data": {**d.data, "prompt_template": m.template, "system": None,
                  "max_length": m.max_length, "pack_to_max_length": True},
         "train": {"batch_size": 1, "accumulative_counts": 16, "max_epochs": d.epochs,
@@ -128,7 +128,8 @@ _COMMENTS = {
     "model.trust_remote_code": "run the model repo's own Python code; only for repos you trust",
     "model.quantization": "none | nf4 (QLoRA) | int8",
     "model.lora": "LoRA adapter; null = full fine-tuning",
-    "model.gradient_checkpointing": "recompute activations in backward: less memory, ~30% slower",
+    "model.gradient_checkpointing": "auto | true | false | offload: recompute activations in backward (less memory, "
+                                    "~30% slower); auto = where memory needs it",
     "data": "PART 2/4 data (XTuner part 3)",
     "data.path": "file, list of files, folder, hub dataset id or save_to_disk folder",
     "data.format": "auto | openai | conversation | alpaca | sharegpt | oasst1 | pretrain",

@@ -37,12 +37,17 @@ class ModelSettings(Section):
     trust_remote_code: bool = False
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora: LoraSettings | None = Field(default_factory=LoraSettings)
-    gradient_checkpointing: bool = True
-    # "auto" is SDPA everywhere; flex_attention (GPU) is opt-in until it is measured faster across models.
+    # "auto": only where memory needs it (QLoRA, or activations that would not fit); "offload": also move the
+    # checkpointed layer inputs to CPU memory (rows of 100k+ tokens). model/kernels.py decides "auto".
+    gradient_checkpointing: bool | Literal["auto", "offload"] = "auto"
+    # "auto": flex attention on a GPU (packed rows up to 32k tokens), else SDPA.
     # Every backend keeps packed samples apart: position ids restart per sample.
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     # Liger fused kernels (GPU only, needs liger-kernel): fused linear cross-entropy, RMSNorm, RoPE, SwiGLU.
-    use_liger: bool = False
+    use_liger: bool | Literal["auto"] = "auto"
+    # torch.compile of each decoder layer ("auto": on a GPU); "cudagraphs" adds CUDA graphs (launch-bound runs:
+    # small QLoRA micro-batches; with gradient_checkpointing: false).
+    compile: bool | Literal["auto", "cudagraphs"] = "auto"
     revision: str | None = None
 
     @model_validator(mode="after")

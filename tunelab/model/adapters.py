@@ -62,9 +62,16 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as the weight it stands for, not its packed bytes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(real_numel(p) for p in model.parameters())
     return trainable, total
+
+
+def real_numel(p: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for (bitsandbytes stores 4-bit weights packed, two per byte)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -70,15 +70,6 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_attention(requested: str, device: torch.device) -> str:
-    """The one place the attention backend is picked. All choices keep packed samples apart (position ids)."""
-    if requested != "auto":
-        if requested == "flex_attention" and device.type != "cuda":
-            raise ModelError("attn_implementation 'flex_attention' needs a CUDA GPU; use sdpa on CPU")
-        return requested
-    return "sdpa"
-
-
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -141,19 +132,10 @@ def _explain_load_error(path: str, e: Exception, what: str, trust_remote_code: b
     return f"cannot load {what} from {path}: {text[:300]}"
 
 
-def apply_liger(model: Any) -> None:
-    """Liger's fused RMSNorm, RoPE and SwiGLU kernels, patched into a loaded model (GPU only). The loss side
-    (fused linear cross-entropy) is tunelab's own loss function: see train/loss.py."""
-    try:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-    except ImportError:
-        raise ModelError("model.use_liger needs liger-kernel (pip install 'tunelab[gpu]')") from None
-    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-
-
 def describe(model: Any) -> str:
-    n = sum(p.numel() for p in model.parameters())
+    from tunelab.model.adapters import count_parameters
+
+    n = count_parameters(model)[1]
     return f"{type(model).__name__} {n / 1e6:.1f}M params"
 
 

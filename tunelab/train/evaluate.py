@@ -11,6 +11,7 @@ import torch
 
 from tunelab.data.formats import Conversation, Message
 from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
+from tunelab.model.kernels import generation_mode
 
 
 def evaluate_chat(chat: ChatModel, inputs: list[str], system: str | None, max_new_tokens: int) -> list[dict[str, Any]]:
@@ -19,7 +20,8 @@ def evaluate_chat(chat: ChatModel, inputs: list[str], system: str | None, max_ne
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[chat.device] if chat.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[chat.device] if chat.device.type == "cuda" else []), \
+                generation_mode(model):
             answers = generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
     finally:
         if was_training:

@@ -33,9 +33,9 @@ from tunelab.data.pack import Rows, collate
 from tunelab.data.templates import get_template
 from tunelab.errors import CheckpointError, Interrupted, OutputExistsError, TrainingError
 from tunelab.infer.generate import from_training
-from tunelab.model.adapters import add_lora, count_parameters, enable_checkpointing, make_full_trainable
-from tunelab.model.load import apply_liger, choose_attention, choose_device, choose_dtype, load_model, \
-    load_tokenizer, resolve_model_path, warn_if_remote
+from tunelab.model.adapters import add_lora, count_parameters, make_full_trainable
+from tunelab.model.kernels import choose_attention, flop_counter, peak_flops, prepare_for_training, step_flops
+from tunelab.model.load import choose_device, choose_dtype, load_model, load_tokenizer, resolve_model_path, warn_if_remote
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import dist
 from tunelab.train.evaluate import evaluate_chat, write_eval
@@ -201,25 +201,19 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
         full = cfg.model.lora is None
         # Full fine-tuning in fp16 keeps fp32 master weights; bf16 full fine-tuning trains bf16 weights directly.
         weight_dtype = torch.float32 if (full and dtype == torch.float16) else dtype
-        attn = choose_attention(cfg.model.attn_implementation, device)
+        attn = choose_attention(cfg.model.attn_implementation, device, cfg.data.max_length)
         model = load_model(model_path, dtype=weight_dtype, device=device, quantization=cfg.model.quantization,
                            attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code,
                            revision=cfg.model.revision)
-        if cfg.model.use_liger:
-            if device.type == "cuda":
-                apply_liger(model)
-            else:
-                ui.warn("liger_cpu", "model.use_liger is ignored on CPU (Liger's kernels are GPU-only)")
-        if cfg.model.gradient_checkpointing:
-            enable_checkpointing(model)
         model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
+        speed = prepare_for_training(model, cfg.model, device, cfg.train.batch_size * cfg.data.max_length)
         model.train()
         n_train, n_total = count_parameters(model)
         logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
                     f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if cfg.model.quantization != 'none' else ''}"
-                    f", {str(dtype).removeprefix('torch.')}, {attn}, {device}"
+                    f", {str(dtype).removeprefix('torch.')}, {speed.describe()}, {device}"
                     f"{f', {info.world_size} processes' if info.enabled else ''})")
-        loss_module = dist.wrap(LossModule(model, choose_loss(cfg.model.use_liger, device)), info, device)
+        loss_module = dist.wrap(LossModule(model, choose_loss(speed.liger_loss, device)), info, device)
         params = [p for p in model.parameters() if p.requires_grad]
 
         # ---- 4. optimizer and schedule ---------------------------------------------------------------------------
@@ -260,7 +254,8 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
         last_saved: Path | None = resume_from
         loss_value = float("nan")
         window: list[float] = []
-        t_window, tok_window = time.perf_counter(), 0
+        t_window, tok_window, flops_window = time.perf_counter(), 0, 0.0
+        flops, peak = flop_counter(model), peak_flops(device)
         step_times: list[float] = []
         order_cache: dict[int, np.ndarray] = {}
 
@@ -305,6 +300,7 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
                 step_times.append(time.perf_counter() - t_step)
                 window.append(loss_value)
                 tok_window += step_tokens * info.world_size
+                flops_window += step_flops(flops, [r for mb, dummy in batches if not dummy for r in mb])
                 now = time.perf_counter()
                 scalars = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens * info.world_size,
                            "epoch": epoch + (k + 1) / steps_per_epoch}
@@ -312,10 +308,11 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
                     sec_per_step = float(np.median(step_times[-50:]))
                     scalars.update(tokens_per_s=tok_window / max(now - t_window, 1e-9), memory_gib=memory_gib(device),
                                    eta_s=sec_per_step * (total - state.step))
+                    mfu = f" | MFU {100 * flops_window / max(now - t_window, 1e-9) / peak:.1f}%" if peak else ""
                     logger.info(f"step {state.step}/{total} | loss {np.mean(window):.4f} | lr {lr:.3e} | "
-                                f"grad {grad_norm:.3f} | {scalars['tokens_per_s']:,.0f} tok/s | "
+                                f"grad {grad_norm:.3f} | {scalars['tokens_per_s']:,.0f} tok/s{mfu} | "
                                 f"mem {scalars['memory_gib']:.2f} GiB | eta {format_duration(scalars['eta_s'])}")
-                    window, t_window, tok_window = [], now, 0
+                    window, t_window, tok_window, flops_window = [], now, 0, 0.0
                 logger.scalars(state.step, scalars)
 
                 # ---- evaluation and checkpoints --------------------------------------------------------------------------

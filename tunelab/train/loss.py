@@ -60,8 +60,8 @@ def _target_hidden(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tupl
 
 
 def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract, with Liger's fused linear cross-entropy: the logits are never materialised."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    """Same contract, with Liger's fused linear cross-entropy: the logits are never materialised whole."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     parts = split_decoder_and_head(model)
     if parts is None:
@@ -70,8 +70,18 @@ def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=False).last_hidden_state
     h, targets = _target_hidden(hidden, batch)
-    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
-    return fused(head.weight, h, targets, head.bias), targets.new_tensor(targets.numel())
+    loss = liger_fused_linear_cross_entropy(h, head.weight, targets, head.bias, ignore_index=IGNORE,
+                                            reduction="sum", chunk_mem_const=_chunk_budget(h, head.weight))
+    return loss, targets.new_tensor(targets.numel())
+
+
+def _chunk_budget(h: torch.Tensor, weight: torch.Tensor, rows: int = 2048) -> int:
+    """Liger computes the logits a chunk of rows at a time, chunks sized so that the transient logits stay near
+    chunk_mem_const x the input's size. Its default (1) gives 64-row chunks for a 4096-token micro-batch and a
+    92k vocabulary: 39 passes over the output head's weight. Aim for chunks of about `rows` rows instead (a few
+    hundred MB of logits); long rows keep the default, which already gives large chunks."""
+    vocab, hidden = weight.shape
+    return max(1, (vocab * rows) // max(1, h.shape[0] * hidden))
 
 
 def choose_loss(use_liger: bool, device: torch.device) -> LossFn:

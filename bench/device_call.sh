@@ -1,0 +1,47 @@
+#!/bin/bash
+# The commands of one device call (BENCHMARKS.md names each call); JSON lines go to $OUT/<date>_h100_<call>.jsonl.
+# Run from the repository root on the GPU host, after the wheels are installed into /tmp/site.
+# usage: bench/device_call.sh CALL [TOKENIZER_DIR]
+set -u -o pipefail
+call=$1; tok=${2:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
+R=$OUT/$(date +%Y%m%d)_h100_$call.jsonl
+M=${TL_MODELS:-/tmp/tl_models}
+start=$(date +%s)
+left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - start) )); }
+tl() { timeout "$1" python3 bench/train_throughput.py --models "$M" --out "$R" "${@:2}"; }
+peer() { timeout "$1" python3 bench/peer_baseline.py "$2" | python3 bench/record_peer.py "$2" "$R"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; df -h /tmp | tail -1; free -g | head -2
+case $call in
+  explore)
+    TORCH_LOGS=recompiles tl 200 lora_flex_liger lora_flex_liger:mb=4,ckpt=off \
+        lora_flex_liger:compile=off,ckpt=off \
+        lora_flex_liger:ckpt=full,compile=off,liger=on,attn=flex_attention,mb=4,cast=on
+    timeout 120 python3 bench/gpu_checks.py --models "$M" --out "$R" --check
+    tl $(( $(left) > 150 ? 150 : $(left) )) tutorial_qlora tutorial_qlora:ckpt=off tutorial_qlora:compile=off,prof=1
+    peer 60 lora_flex_liger
+    timeout $(( $(left) - 5 )) python3 bench/long_context.py --models "$M" --out "$R" 131072
+    ;;
+  final)  # the goal cases, peer and tunelab side by side; each tunelab process starts with the defaults
+    peer 45 tutorial_qlora
+    tl 170 tutorial_qlora tutorial_qlora:ckpt=off,budget=0.5
+    peer 100 qlora7b_sdpa
+    tl 140 qlora7b_sdpa
+    peer 90 lora_flex_liger
+    tl 150 lora_flex_liger lora_flex_liger:compile=cudagraphs
+    peer 90 full_sdpa_liger
+    tl $(( $(left) - 3 )) full_sdpa_liger:mb=4
+    ;;
+  longctx)  # eval generation, then the longest context (one step); the peer's figures are from 2026-11-25
+    timeout 100 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate "$tok"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout $(( $(left) - 3 )) \
+        python3 bench/long_context.py --models "$M" --out "$R" 350208
+    ;;
+  verify)  # left for a later session: CUDA graphs with 4 micro-batches per step; the 7B QLoRA defaults and peer
+    tl 240 tutorial_qlora:compile=cudagraphs,ckpt=off,rows=4 tutorial_qlora qlora7b_sdpa \
+        qlora7b_sdpa:compile=cudagraphs,ckpt=off
+    peer 120 qlora7b_sdpa
+    ;;
+  *) echo "unknown call $call"; exit 2;;
+esac
+echo "call $call took $(( $(date +%s) - start )) s"

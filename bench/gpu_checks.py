@@ -1,0 +1,212 @@
+"""GPU-only correctness checks of tunelab's speed paths, and the generation-during-training timing.
+
+--check: on 2-layer models of the 1.8B shape (random weights), every speed path computes what the plain path does:
+  packed_attention  a packed 4096-token row's summed loss under SDPA, flex and eager equals the sum of its
+                    documents' losses computed one at a time;
+  default_path      loss and LoRA gradients of tunelab's GPU defaults (flex attention, compiled layers, Liger's
+                    fused loss) against eager SDPA with PyTorch's cross-entropy, and the packed loss against the
+                    documents alone;
+  qlora_compiled    the same for NF4 QLoRA, compiled against eager;
+  offload           checkpointing with CPU-offloaded layer inputs and the tiled MLP against plain checkpointing
+                    on one 32k-token document.
+--generate TOKENIZER_DIR: a 1.8B LoRA model being trained with the GPU defaults answers 2 evaluation questions of
+  128 new tokens: with kernels.generation_mode (SDPA, eager layers) and without it (the 2026-11-25 path).
+
+usage: python bench/gpu_checks.py [--models DIR] [--out FILE] [--check] [--generate TOKENIZER_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_baseline import SHAPES, packed_batch  # noqa: E402
+from train_throughput import TARGETS, emit, model_folder, to_rows  # noqa: E402
+
+from tunelab.config.schema import LoraSettings, ModelSettings  # noqa: E402
+from tunelab.data.pack import collate  # noqa: E402
+from tunelab.model import kernels  # noqa: E402
+from tunelab.model.adapters import add_lora  # noqa: E402
+from tunelab.model.load import load_model  # noqa: E402
+from tunelab.train.loss import causal_lm_loss, liger_causal_lm_loss  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def small_folder(root: Path) -> Path:
+    out = root / "1_8b_2layers"
+    if not (out / "config.json").exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**{**SHAPES["1_8b"], "num_hidden_layers": 2}, max_position_embeddings=65536,
+                          tie_word_embeddings=False)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(out))
+    return out
+
+
+def lora_model(root: Path, settings: ModelSettings, attn: str, tokens: int):
+    model = load_model(str(small_folder(root)), dtype=torch.bfloat16, device=CUDA,
+                       quantization=settings.quantization, attn_implementation=attn)
+    torch.manual_seed(1)
+    model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=TARGETS))
+    with torch.no_grad():  # B starts at zero: give it values so every gradient is non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    plan = kernels.prepare_for_training(model, settings, CUDA, tokens)
+    model.train()
+    return model, plan
+
+
+def loss_and_grads(model, loss_fn, rows: list) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    batch = {k: v.to(CUDA) for k, v in collate(rows, 0).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = loss_fn(model, batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    return num / max(sum(float(b[k].norm() ** 2) for k in b) ** 0.5, 1e-30)
+
+
+def alone_loss(model, rows: list) -> float:
+    ids, labels, lens = rows[0]
+    total, start = 0.0, 0
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for n in lens.tolist():
+            one = (ids[start:start + n], labels[start:start + n], np.array([n]))
+            total += float(causal_lm_loss(model, {k: v.to(CUDA) for k, v in collate([one], 0).items()})[0])
+            start += n
+    return total
+
+
+def check(root: Path):
+    """Yields one result per check."""
+    gen = torch.Generator().manual_seed(1)
+    rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    # packed attention under each backend (no adapters, no compile)
+    model = load_model(str(small_folder(root)), dtype=torch.bfloat16, device=CUDA, attn_implementation="sdpa")
+    res = {"check": "packed_attention"}
+    with torch.no_grad():
+        for attn in ("sdpa", "flex_attention", "eager"):
+            model.config._attn_implementation = attn
+            res[attn] = float(causal_lm_loss(model, {k: v.to(CUDA) for k, v in collate(rows, 0).items()})[0])
+    model.config._attn_implementation = "sdpa"
+    res["documents_alone"] = alone_loss(model, rows)
+    res["max_rel_diff"] = max(abs(res[a] - res["documents_alone"]) / res["documents_alone"]
+                              for a in ("sdpa", "flex_attention", "eager"))
+    yield res
+    del model
+    for name, quant in (("default_path", "none"), ("qlora_compiled", "nf4")):
+        eager = ModelSettings(path="x", quantization=quant, gradient_checkpointing=False, compile=False,
+                              use_liger=False)
+        ref_model, _ = lora_model(root, eager, "sdpa", 4096)
+        ref_loss, ref = loss_and_grads(ref_model, causal_lm_loss, rows)
+        alone = alone_loss(ref_model, rows)
+        del ref_model
+        torch._dynamo.reset()
+        fast = ModelSettings(path="x", quantization=quant, gradient_checkpointing="auto")
+        model, plan = lora_model(root, fast, kernels.choose_attention("auto", CUDA, 4096), 4096)
+        fn = liger_causal_lm_loss if plan.liger_loss else causal_lm_loss
+        losses = [loss_and_grads(model, fn, rows) for _ in range(2)]  # the second call runs compiled code
+        loss, grads = losses[-1]
+        yield {"check": name, "plan": plan.describe(), "reference": "eager sdpa, torch cross-entropy",
+               "loss": loss, "reference_loss": ref_loss, "documents_alone": alone,
+               "loss_rel_diff": abs(loss - ref_loss) / ref_loss,
+               "packed_vs_alone_rel_diff": abs(loss - alone) / alone, "grad_rel_diff": rel(grads, ref)}
+        del model
+    yield check_offload(root)
+
+
+def check_offload(root: Path) -> dict:
+    from tunelab.model.offload import OffloadPolicy, enable_offloaded_checkpointing, tile_mlps
+
+    n = 32768
+    ids = torch.randint(100, SHAPES["1_8b"]["vocab_size"], (n,), generator=torch.Generator().manual_seed(2))
+    labels = np.full(n, -100)
+    labels[n // 2:n - 1] = ids[n // 2 + 1:].numpy()
+    rows = [(ids.numpy(), labels, np.array([n]))]
+    settings = ModelSettings(path="x", gradient_checkpointing=True, compile=False, use_liger=True)
+    model, _ = lora_model(root, settings, "sdpa", n)
+    ref_loss, ref = loss_and_grads(model, liger_causal_lm_loss, rows)
+    layers = kernels.decoder_layers(model.get_base_model())
+    policy = OffloadPolicy(reserve_bytes=1 << 50)  # force every layer input to CPU memory
+    enable_offloaded_checkpointing(layers, policy)
+    tile_mlps([layer.mlp for layer in layers], tile=8192)
+    loss, grads = loss_and_grads(model, liger_causal_lm_loss, rows)
+    return {"check": "offload", "tokens": n, "offloaded_layers": policy.offloaded, "loss_rel_diff":
+            abs(loss - ref_loss) / ref_loss, "grad_rel_diff": rel(grads, ref)}
+
+
+def generate(root: Path, tokenizer_dir: str):
+    """Yields one timing per path."""
+    from tunelab.data.templates import get_template
+    from tunelab.infer.generate import GenerationOptions, from_training, generate_batch
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.evaluate import evaluate_chat
+
+    tok = load_tokenizer(tokenizer_dir)
+    settings = ModelSettings(path="x", lora=LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=TARGETS))
+    model = load_model(str(model_folder("1_8b", root)), dtype=torch.bfloat16, device=CUDA,
+                       attn_implementation=kernels.choose_attention("auto", CUDA, 4096))
+    model = add_lora(model, settings.lora)
+    plan = kernels.prepare_for_training(model, settings, CUDA, 4096)
+    model.train()
+    fn = liger_causal_lm_loss if plan.liger_loss else causal_lm_loss
+    gen = torch.Generator().manual_seed(0)
+    rows = to_rows(*packed_batch(1, 4096, 49152, gen)[:3])
+    for _ in range(2):  # as in training: the layers and flex attention are compiled for training first
+        loss_and_grads(model, fn, rows)
+    chat = from_training(model, tok, get_template("hf", tok), CUDA)
+    questions = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+    for label in ("generation_mode", "generation_mode_again", "before_fix"):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        if label == "before_fix":  # flex attention during decoding, layers eager as they were then
+            model.eval()
+            with torch.random.fork_rng(devices=[CUDA]), torch.compiler.set_stance("force_eager"):
+                from tunelab.data.formats import Conversation, Message
+
+                convs = [Conversation([Message("user", q)]) for q in questions]
+                answers = generate_batch(chat, convs, GenerationOptions(max_new_tokens=128))
+            model.train()
+        else:
+            answers = [r["answer"] for r in evaluate_chat(chat, questions, None, 128)]
+        torch.cuda.synchronize()
+        yield {"check": "eval_generation", "path": label, "seconds": round(time.perf_counter() - t, 2),
+               "questions": 2, "max_new_tokens": 128, "answer_chars": [len(a) for a in answers],
+               "plan": plan.describe()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="/tmp/tl_models")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--generate", metavar="TOKENIZER_DIR")
+    args = ap.parse_args()
+    root = Path(args.models)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = ([check(root)] if args.check else []) + ([generate(root, args.generate)] if args.generate else [])
+    for run in runs:
+        try:
+            for r in run:
+                emit({"impl": "tunelab", **r}, args.out)
+        except Exception as e:  # noqa: BLE001  (the next group still runs)
+            traceback.print_exc()
+            emit({"impl": "tunelab", "check": "error", "error": repr(e)[:300]}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""tunelab/model/kernels.py: what "auto" chooses, and that every speed path computes what the plain path does
+(on CPU here; the GPU paths are checked by `bench/train_throughput.py --check` on the device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model
+from tunelab.config.schema import ALL_LINEAR, LoraSettings, ModelSettings
+from tunelab.errors import ModelError
+from tunelab.model.adapters import add_lora, count_parameters
+from tunelab.model.kernels import (
+    FLEX_MAX_ROW,
+    _choose_checkpointing,
+    choose_attention,
+    compile_layers,
+    decoder_layers,
+    flop_counter,
+    generation_mode,
+    peak_flops,
+    prepare_for_training,
+    skip_lora_input_cast,
+    step_flops,
+)
+
+CPU = torch.device("cpu")
+
+
+def tiny_lora(tmp_path: Path, dtype: torch.dtype = torch.float32, dropout: float = 0.0, layers: int = 2):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(tmp_path, vocab_size=64, layers=layers)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=dtype)
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=dropout, target_modules=ALL_LINEAR))
+    with torch.no_grad():  # B starts at zero; give it values so A's gradient is not trivially zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
+    return model
+
+
+def lora_grads(model, ids: torch.Tensor, autocast: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_auto_attention_is_flex_on_a_gpu_for_packed_rows_and_sdpa_elsewhere() -> None:
+    cuda = torch.device("cuda")
+    assert choose_attention("auto", cuda, 4096) == "flex_attention"
+    assert choose_attention("auto", cuda, FLEX_MAX_ROW * 2) == "sdpa"  # long single documents: FlashAttention
+    assert choose_attention("auto", CPU, 4096) == "sdpa"
+    assert choose_attention("eager", CPU) == "eager"
+    with pytest.raises(ModelError, match="'flex_attention' needs a CUDA GPU"):
+        choose_attention("flex_attention", CPU)
+
+
+def test_auto_on_cpu_keeps_the_plain_eager_path(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path)
+    plan = prepare_for_training(model, ModelSettings(path=str(tmp_path)), CPU, tokens_per_micro_batch=512)
+    assert (plan.compiled, plan.liger_loss, plan.liger_layers, plan.checkpointing) == (False, False, False, "off")
+    assert plan.describe() == "sdpa, no activation checkpointing"
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
+
+
+def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path, layers=8)  # hidden 32 + intermediate 64, fp32: 1536 activation bytes/token/layer
+    auto, free = ModelSettings(path="x"), 1e9
+
+    def choice(settings: ModelSettings, tokens: int) -> str:
+        return _choose_checkpointing(settings, model, CPU, tokens, free=free)
+
+    assert choice(auto, 10_000) == "off"
+    assert choice(ModelSettings(path="x", quantization="nf4"), 10_000) == "full"
+    # rows too long for all activations (8 x 1536 B/token), then too long for one hidden state per layer
+    assert choice(auto, 100_000) == "full"
+    assert choice(auto, 10**7) == "offload"
+    for value, expected in ((True, "full"), (False, "off"), ("offload", "offload")):
+        assert choice(ModelSettings(path="x", gradient_checkpointing=value), 10**7) == expected
+
+
+def test_skipping_peft_input_cast_gives_identical_gradients_under_autocast(tmp_path: Path) -> None:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_lora(tmp_path, dtype=torch.bfloat16)
+    ref_loss, ref = lora_grads(model, ids, autocast=True)
+    skip_lora_input_cast(model)
+    loss, grads = lora_grads(model, ids, autocast=True)
+    assert loss == ref_loss
+    for n in ref:  # bf16 -> fp32 -> bf16 is exact, so the skipped casts change nothing
+        torch.testing.assert_close(grads[n], ref[n], rtol=0, atol=0)
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path: Path) -> None:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_lora(tmp_path)
+    ref_loss, ref = lora_grads(model, ids)
+    layers = decoder_layers(model.get_base_model())
+    assert len(layers) == 2
+    torch._dynamo.reset()
+    compile_layers(layers, backend="aot_eager")  # traces the layers as Inductor would, without a C++ build
+    loss, grads = lora_grads(model, ids)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_flop_count_of_a_lora_step(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path)
+    c = flop_counter(model)
+    base = model.get_base_model()
+    frozen = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+                 and "lora_" not in n and m is not base.lm_head)
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert c.per_token == 4 * frozen + 6 * lora  # frozen: forward + input grads; adapters: + weight grads
+    assert c.per_target == 4 * base.lm_head.weight.numel()
+    assert c.per_pair == 12 * 32 * 2  # hidden 32 (4 heads x 8), 2 layers
+    rows = [(np.zeros(10), np.array([-100] * 4 + [1] * 6), np.array([4, 6]))]
+    assert step_flops(c, rows) == 10 * c.per_token + 6 * c.per_target + (10 + 21) * c.per_pair
+    assert peak_flops(CPU) is None
+
+
+def test_generation_mode_swaps_flex_for_sdpa_and_restores_it(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path)
+    base = model.get_base_model()
+    base.config._attn_implementation = "flex_attention"
+    with generation_mode(model):
+        assert base.config._attn_implementation == "sdpa"
+    assert base.config._attn_implementation == "flex_attention"
+
+
+def test_qlora_parameter_count_is_the_real_one(tiny_model_dir: Path) -> None:
+    from tunelab.model.load import load_model
+
+    plain = load_model(str(tiny_model_dir), dtype=torch.bfloat16, device=CPU)
+    nf4 = load_model(str(tiny_model_dir), dtype=torch.bfloat16, device=CPU, quantization="nf4")
+    assert count_parameters(nf4)[1] == count_parameters(plain)[1] == sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in nf4.parameters()) < count_parameters(nf4)[1]  # packed storage is smaller
+
+
+def test_generation_mode_lets_fp32_adapters_generate_without_autocast(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path, dtype=torch.bfloat16).eval()
+    skip_lora_input_cast(model)  # as in training, where autocast casts for the adapters
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="dtype"), torch.no_grad():
+        model(input_ids=ids)  # bf16 activations into fp32 adapters, no autocast
+    with generation_mode(model), torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 11)
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())  # training's state

@@ -1,0 +1,307 @@
+"""One room for speed: the attention backend, Liger kernels, activation checkpointing (or its CPU-offloaded
+form), regional torch.compile, and the FLOP count behind the log's MFU.
+
+Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMARKS.md has the measurements):
+- attention: flex attention for packed rows up to 32k tokens (its block mask skips the blocks where documents
+  do not see each other); SDPA (FlashAttention) for longer rows, which are one document anyway;
+- Liger's fused linear cross-entropy for the loss (the logits never exist whole), and Liger's RMSNorm, RoPE and
+  SwiGLU kernels where the layers are not compiled (compile fuses those itself);
+- each decoder layer compiled by torch.compile, once for all layers, with the compile cache kept under
+  ~/.cache/tunelab so a second run starts fast (CUDA graphs on top are opt-in: model.compile: cudagraphs);
+- activation checkpointing only where needed: always for QLoRA (its point is memory), else when the estimated
+  activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP runs in
+  tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
+On the CPU "auto" keeps the plain eager path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import ModelError
+from tunelab.model.adapters import enable_checkpointing, real_numel
+
+# Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
+FLEX_MAX_ROW = 32768
+# QLoRA without checkpointing: let the compiler recompute activations down to this share of what it would save
+# (measured on the tutorial case: 3.29 GiB, below the peer's 3.61 GiB; BENCHMARKS.md).
+QLORA_MEMORY_BUDGET = 0.5
+# Saved activations per token per decoder layer without checkpointing, in units of (hidden + intermediate
+# size) x bytes per element; calibrated on the 1.8B shape (BENCHMARKS.md).
+NO_CKPT_ACT_FACTOR = 4.0
+# Dense bf16 peak of the GPU (datasheet), for MFU. Matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "L4": 121.0, "A10": 125.0, "4090": 165.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+@dataclass
+class SpeedPlan:
+    """What prepare_for_training chose; `describe()` is the line the training log prints."""
+
+    attention: str
+    liger_loss: bool = False
+    liger_layers: bool = False
+    compiled: bool = False
+    cudagraphs: bool = False
+    checkpointing: str = "off"  # "off" | "full" | "offload"
+
+    def describe(self) -> str:
+        parts = [self.attention]
+        if self.compiled:
+            parts.append("compiled layers" + (" (CUDA graphs)" if self.cudagraphs else ""))
+        if self.liger_layers or self.liger_loss:
+            parts.append("Liger " + ("kernels + fused loss" if self.liger_layers else "fused loss"))
+        parts.append({"off": "no activation checkpointing", "full": "activation checkpointing",
+                      "offload": "activation checkpointing offloaded to CPU, tiled MLP"}[self.checkpointing])
+        return ", ".join(parts)
+
+
+def choose_attention(requested: str, device: torch.device, max_length: int = 0) -> str:
+    """The one place the attention backend is picked. All choices keep packed samples apart (position ids)."""
+    if requested != "auto":
+        if requested == "flex_attention" and device.type != "cuda":
+            raise ModelError("attn_implementation 'flex_attention' needs a CUDA GPU; use sdpa on CPU")
+        return requested
+    if device.type == "cuda" and max_length <= FLEX_MAX_ROW:
+        return "flex_attention"
+    return "sdpa"
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens_per_micro_batch: int,
+                         memory_budget: float | None = None) -> SpeedPlan:
+    """Apply the speed settings of `settings` (config.schema.ModelSettings) to a model that already has its
+    adapters (or is fully trainable). Call once, before the optimizer is built and before model.train().
+    `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cuda = device.type == "cuda"
+    plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
+    plan.checkpointing = _choose_checkpointing(settings, model, device, tokens_per_micro_batch)
+    want_compile = settings.compile
+    if want_compile == "auto":
+        # CUDA graphs ("cudagraphs") stay opt-in: measured 4.8x faster on launch-bound QLoRA with one micro-batch
+        # per step, but not yet verified with gradient accumulation (BENCHMARKS.md).
+        want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
+    liger = settings.use_liger
+    if liger == "auto":
+        liger = cuda and liger_available()
+    elif liger and not cuda:
+        liger = False
+        from tunelab import ui
+
+        ui.warn("liger_cpu", "model.use_liger is ignored on CPU (Liger's kernels are GPU-only)")
+    plan.liger_loss = bool(liger)
+    # Compiled layers get their norm/RoPE/SwiGLU fused by the compiler; Liger's own kernels only where eager.
+    plan.liger_layers = bool(liger) and not want_compile
+    if plan.liger_layers:
+        apply_liger(base)
+    layers = decoder_layers(base)
+    if plan.checkpointing == "full":
+        enable_checkpointing(base)
+    elif plan.checkpointing == "offload":
+        from tunelab.model.offload import OffloadPolicy, enable_offloaded_checkpointing, tile_mlps
+
+        enable_offloaded_checkpointing(layers, OffloadPolicy())
+        tile_mlps([layer.mlp for layer in layers if hasattr(layer, "mlp")])
+    skip_lora_input_cast(model)
+    if want_compile and layers:
+        if memory_budget is None and settings.quantization != "none" and plan.checkpointing == "off":
+            memory_budget = QLORA_MEMORY_BUDGET  # QLoRA is about memory: recompute inside the compiled layers
+        if memory_budget is not None:  # a process-wide setting, read when the layers are first compiled
+            torch._functorch.config.activation_memory_budget = memory_budget
+        plan.cudagraphs = want_compile == "cudagraphs"
+        compile_layers(layers, mode="reduce-overhead" if plan.cudagraphs else None)
+        if plan.cudagraphs:
+            # Every micro-batch is a new CUDA-graph step, also with several forwards before an optimizer step.
+            _decoder(base).register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+        plan.compiled = True
+    return plan
+
+
+def _decoder(model: Any) -> torch.nn.Module:
+    get = getattr(model, "get_decoder", None)
+    return get() if callable(get) else getattr(model, "model", model)
+
+
+def _choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,
+                          free: float | None = None) -> str:
+    choice = settings.gradient_checkpointing
+    if choice is True:
+        return "full"
+    if choice is False:
+        return "off"
+    if choice == "offload":
+        return "offload"
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 0)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    n_layers = getattr(cfg, "num_hidden_layers", 0)
+    if not (hidden and n_layers):
+        return "full"
+    elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
+    free = _free_memory(model, device) if free is None else free
+    no_ckpt = NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * n_layers
+    if no_ckpt <= 0.6 * free and settings.quantization == "none":  # QLoRA: memory first
+        return "off"
+    # checkpointing keeps one hidden state per layer, plus one layer's activations while it is recomputed
+    ckpt = hidden * elem * tokens * n_layers + no_ckpt / n_layers * 3
+    return "full" if ckpt <= 0.8 * free else "offload"
+
+
+def _free_memory(model: Any, device: torch.device) -> float:
+    """Memory left for activations: the device's total, less the weights already there and the gradients and
+    AdamW state still to come for the trainable parameters."""
+    trainable = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        used = torch.cuda.memory_allocated(device)
+    else:
+        import psutil
+
+        total, used = psutil.virtual_memory().available, 0
+    return 0.9 * total - used - trainable
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated decoder blocks (the ModuleList with num_hidden_layers identical children)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n and \
+                len({type(m) for m in mod}) == 1:
+            return list(mod)
+    return []
+
+
+def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor", mode: str | None = None) -> None:
+    """Regional compilation: each decoder layer through torch.compile. The layers share one compiled graph
+    (their weights are inputs to it), so compile time is that of one layer, not of the whole model.
+    mode "reduce-overhead" adds CUDA graphs (one recording per layer)."""
+    use_compile_cache()
+    for layer in layers:
+        layer.compile(backend=backend, mode=mode)
+
+
+def use_compile_cache() -> None:
+    """Keep Inductor's (and so Triton's) cache under ~/.cache/tunelab, so later runs skip most compile time."""
+    root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))  # Triton's cache lives inside it
+
+
+def skip_lora_input_cast(model: Any) -> None:
+    """peft casts each LoRA layer's input to the adapter's fp32 dtype, then autocast casts it back to bf16 for
+    the matmul: two full copies of every activation per adapted layer. Under autocast the adapter matmul runs in
+    bf16 either way, so the cast is skipped; the fp32 adapter weights and their updates are unchanged."""
+    for mod in model.modules():
+        if hasattr(mod, "cast_input_dtype_enabled"):
+            mod.cast_input_dtype_enabled = False
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's fused RMSNorm, RoPE and SwiGLU kernels, patched into a loaded model (GPU only). The loss side
+    (fused linear cross-entropy) is tunelab's own loss function: see train/loss.py."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ModelError("model.use_liger needs liger-kernel (pip install 'tunelab[gpu]')") from None
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+@contextmanager
+def generation_mode(model: Any) -> Iterator[None]:
+    """Generation inside a training run: SDPA instead of flex attention (flex would rebuild its block mask and
+    recompile at every new length), and the compiled layers run eagerly (decoding shapes change every token)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = getattr(base.config, "_attn_implementation", None)
+    if attn == "flex_attention":
+        _set_attention(base, "sdpa")
+    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    casts = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", True) is False]
+    for m in casts:  # generation runs without autocast: fp32 adapters need their input cast back
+        m.cast_input_dtype_enabled = True
+    try:
+        with stance:
+            yield
+    finally:
+        for m in casts:
+            m.cast_input_dtype_enabled = False
+        if attn == "flex_attention":
+            _set_attention(base, attn)
+
+
+def _set_attention(model: Any, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (AttributeError, ValueError, ImportError):
+        model.config._attn_implementation = name
+
+
+# ---- model FLOPs and MFU ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlopCounter:
+    """Model FLOPs of one training token: matmuls forward and backward (weight gradients only where trained),
+    the output head only on tokens with a target, attention per (query, key) pair. Recomputation is not counted:
+    MFU measures useful work."""
+
+    per_token: float
+    per_target: float
+    per_pair: float
+
+
+def flop_counter(model: Any) -> FlopCounter:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    embed = base.get_input_embeddings()
+    per_token = per_target = 0.0
+    for mod in base.modules():
+        if mod is embed or not isinstance(mod, torch.nn.Linear):  # bitsandbytes' layers are nn.Linear too
+            continue
+        weight = mod.weight
+        n = real_numel(weight)
+        flops = 2 * n * (3 if weight.requires_grad else 2)
+        if mod is head:
+            per_target += flops
+        else:
+            per_token += flops
+    cfg = base.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # QK^T and PV forward (2 matmuls x 2 FLOPs), twice that backward
+    per_pair = 12.0 * cfg.num_attention_heads * head_dim * cfg.num_hidden_layers
+    return FlopCounter(per_token, per_target, per_pair)
+
+
+def step_flops(counter: FlopCounter, rows: Sequence[tuple[Any, Any, Any]]) -> float:
+    """FLOPs of one step over `rows` (input ids, shifted labels, document lengths), as the loop holds them."""
+    total = 0.0
+    for ids, labels, docs in rows:
+        pairs = sum(int(n) * (int(n) + 1) // 2 for n in docs)
+        total += counter.per_token * len(ids) + counter.per_target * int((labels != -100).sum()) \
+            + counter.per_pair * pairs
+    return total
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Datasheet dense bf16 FLOP/s of the device, or None where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None
