@@ -27,9 +27,9 @@ from peer_baseline import SHAPES, packed_batch  # noqa: E402  (the peer's worklo
 from tunelab.config.schema import LoraSettings, TrainSettings  # noqa: E402
 from tunelab.model.adapters import add_lora, enable_checkpointing, make_full_trainable  # noqa: E402
 from tunelab.model.load import apply_liger, load_model  # noqa: E402
-from tunelab.train.dist import DistInfo  # noqa: E402
-from tunelab.train.loop import LossModule, accumulate_gradients  # noqa: E402
-from tunelab.train.loss import choose_loss  # noqa: E402
+from tunelab.train.loop import accumulate_gradients  # noqa: E402
+from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
+from tunelab.train.parallel import Parallel  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
 
 # name: (shape, method, batch, seqlen, liger, attention, activation checkpointing)
@@ -110,7 +110,7 @@ def run_case(name: str, root: Path) -> dict:
     for s in range(3 + 8):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss, _ = accumulate_gradients(loss_module, [(batches[s % 4], False)], DistInfo(), device,
+        loss, _ = accumulate_gradients(loss_module, [(batches[s % 4], False)], Parallel(device=device),
                                        torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -121,7 +121,7 @@ def run_case(name: str, root: Path) -> dict:
     step = sorted(times)[len(times) // 2]
     res = {"impl": "tunelab", "case": name, "tokens_per_s": round(bsz * seqlen / step), "step_s": round(step, 4),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "model_gib": round(model_gib, 2),
-           "loss": round(loss, 3),
+           "loss": round(float(loss), 3),
            "ckpt": ckpt, "attn": attn, "liger": liger}
     del model, optimizer, loss_module
     torch.cuda.empty_cache()
