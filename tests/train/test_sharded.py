@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, chat_records, tiny_config, write_jsonl
 from tunelab.config.load import load_config
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TrainingError
 from tunelab.train.log import read_scalars
 from tunelab.train.loop import train
 
@@ -132,17 +132,18 @@ def test_kill_9_then_resume_on_one_and_on_four_processes(base, tiny_model_dir):
     ref = runs_of(refs["lora"].work_dir)
     assert_same_losses(runs_of(work), ref[:3])
 
-    one, four = tmp / "resumed1", tmp / "resumed4"
-    for w in (one, four):
+    one, plain, four = tmp / "resumed1", tmp / "resumed_plain", tmp / "resumed4"
+    for w in (one, plain, four):
         shutil.copytree(work / "iter_2", w / "iter_2")
-    resumed = train(load_config(cfg, ["train.strategy=zero3"]), "tiny", work_dir=one, resume=True)
-    assert resumed.steps == STEPS
+    # one process, sharded (a one-process group) and plain: the checkpoint does not depend on the strategy
+    assert train(load_config(cfg, ["train.strategy=zero3"]), "tiny", work_dir=one, resume=True).steps == STEPS
+    assert train(load_config(cfg), "tiny", work_dir=plain, resume=True).steps == STEPS
     res = torchrun(4, "-m", "tunelab", "train", str(cfg), "--work-dir", str(four), "--resume", "--deepspeed",
                    "zero3", "train.accumulative_counts=1")
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"resumed from {four / 'iter_2'} at step 2/4" in res.stdout
     assert "resume: train.accumulative_counts 2 -> 1" in res.stdout
-    for w in (one, four):
+    for w in (one, plain, four):
         assert_same_losses(runs_of(w), ref[2:])
 
     # the sharded run's checkpoint is an ordinary one: to-hf gives the adapter the one-process run trained
@@ -193,3 +194,9 @@ def test_an_unknown_strategy_lists_the_valid_ones(base):
     with pytest.raises(ConfigError, match=r"train\.strategy: unknown strategy 'zero4'; valid: ddp, zero1, zero2, "
                                           r"zero2_offload, zero3, zero3_offload"):
         load_config(cfg, ["train.strategy=zero4"])
+
+
+def test_fp16_with_sharding_is_refused_before_anything_loads(base):
+    tmp, cfg, _ = base
+    with pytest.raises(TrainingError, match=r"train\.dtype float16 with strategy zero3: use bfloat16"):
+        train(load_config(cfg, ["train.strategy=zero3", "train.dtype=float16"]), "tiny", work_dir=tmp / "fp16")

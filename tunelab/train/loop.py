@@ -93,8 +93,11 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
 
 
 def _resume_hint(source: str, work_dir: Path, par: Parallel) -> str:
-    local = os.environ.get("LOCAL_WORLD_SIZE", str(par.world_size))
-    launcher = f"torchrun --nproc_per_node {local} -m tunelab" if par.enabled else "tunelab"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", par.world_size))
+    launcher = "tunelab"
+    if par.enabled:  # several nodes: the user's own rendezvous options, which this process cannot see
+        launcher = f"torchrun --nproc_per_node {local} -m tunelab" if local == par.world_size else \
+            "torchrun [the same options on every node] -m tunelab"
     strategy = f" --deepspeed {par.strategy}" if par.strategy != "ddp" else ""
     return f"{launcher} train {shlex.quote(source)} --work-dir {shlex.quote(str(work_dir))}{strategy} --resume"
 

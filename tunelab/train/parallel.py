@@ -93,7 +93,7 @@ class Parallel:
 
 def setup(strategy: str, device: torch.device) -> Parallel:
     """Join the process group torchrun describes (or start a one-process group for a sharded strategy run without
-    torchrun). Timeouts are short enough that a lost peer cannot hang a run for long (TUNELAB_DIST_TIMEOUT, s)."""
+    torchrun). TUNELAB_DIST_TIMEOUT (seconds, default 1800) bounds any wait on another process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     par = Parallel(strategy, int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), device)
     if device.type == "cuda" and world > 1:
@@ -180,7 +180,7 @@ def _shard(par: Parallel, root: torch.nn.Module, model: torch.nn.Module, compute
                 if b is not None:
                     m._buffers[k] = b.to(par.device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for _, b in sorted(model.named_buffers()):  # non-persistent buffers are in no state dict
+    for _, b in sorted(model.named_buffers(), key=lambda nb: nb[0]):  # non-persistent ones are in no state dict
         dist.broadcast(b, src=0)
     del full
 

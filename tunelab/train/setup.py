@@ -100,6 +100,10 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     config_yaml = to_yaml(cfg)
     if par.is_main:
         (folder.log_dir / "config.yaml").write_text(config_yaml)
+    dtype = choose_dtype(cfg.train.dtype, par.device)
+    if par.shards and dtype == torch.float16:
+        raise TrainingError(f"train.dtype float16 with strategy {par.strategy}: use bfloat16 (or float32); "
+                            "sharded loss scaling is not supported")
     set_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.path)
     warn_if_remote(model_path, cfg.model.trust_remote_code)
@@ -107,10 +111,6 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     with parallel.node_leader_first(par):  # the first fills this node's data cache; the others read it
         rows = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed).rows
 
-    dtype = choose_dtype(cfg.train.dtype, par.device)
-    if par.shards and dtype == torch.float16:
-        raise TrainingError(f"train.dtype float16 with strategy {par.strategy}: use bfloat16 (or float32); "
-                            "sharded loss scaling is not supported")
     model, full, filled_on_rank0 = _build_model(cfg, par, model_path, dtype, logger)
     loss_module = parallel.wrap(par, LossModule(model, choose_loss(cfg.model.use_liger, par.device)), model,
                                 dtype, filled_on_rank0)
