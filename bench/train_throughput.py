@@ -36,10 +36,10 @@ from tunelab.config.schema import LoraSettings, ModelSettings, TrainSettings  # 
 from tunelab.model import kernels  # noqa: E402
 from tunelab.model.adapters import add_lora, make_full_trainable  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
-from tunelab.train.dist import DistInfo  # noqa: E402
-from tunelab.train.loop import LossModule, accumulate_gradients  # noqa: E402
-from tunelab.train.loss import choose_loss  # noqa: E402
+from tunelab.train.loop import accumulate_gradients  # noqa: E402
+from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
+from tunelab.train.parallel import Parallel  # noqa: E402
 
 # name: (shape, method, rows per step, row length) -- the peer's cases
 CASES = {
@@ -144,12 +144,12 @@ def run_case(spec: str, root: Path) -> dict:
 
     def step(rows: list) -> float:
         micro = [(rows[i:i + mb], False) for i in range(0, len(rows), mb)]
-        loss, _ = accumulate_gradients(loss_module, micro, DistInfo(), device,
+        loss, _ = accumulate_gradients(loss_module, micro, Parallel(device=device),
                                        torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return float(loss)
 
     times, flops, loss = [], [], float("nan")
     for s in range(3 + 8):

@@ -176,14 +176,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = True
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
+    if args.deepspeed:  # XTuner's flag: the same choice as the train.strategy key
+        from tunelab.config.schema import normalize_strategy
+
+        try:
+            overrides.append(f"train.strategy={normalize_strategy(args.deepspeed)}")
+        except ValueError as e:
+            raise ConfigError(f"--deepspeed: {e}") from None
     cfg, name = _load_config(args.config, overrides)
-    if args.deepspeed:
-        ui.info(f"note: --deepspeed {args.deepspeed}: tunelab shards with torch.distributed; one process runs "
-                "unsharded (launch with torchrun for several GPUs)")
     from tunelab.train.loop import train
 
     train(cfg, name, work_dir=Path(args.work_dir) if args.work_dir else None, resume=resume or False,
-          resume_force=args.resume_force)
+          resume_force=args.resume_force, config_source=args.config)
     return 0
 
 
@@ -377,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CKPT, or from the work dir's last checkpoint")
     s.add_argument("--resume-force", action="store_true", help="resume even if the config changed")
     s.add_argument("--seed", type=int)
-    s.add_argument("--deepspeed", help="accepted for XTuner compatibility (zero1/zero2/zero3)")
+    s.add_argument("--deepspeed", metavar="STRATEGY",
+                   help="how several processes share the work (= train.strategy): ddp, zero1, zero2, zero2_offload, "
+                        "zero3, zero3_offload; XTuner's deepspeed_zero2 etc. work too (FSDP2 underneath)")
     s.set_defaults(func=cmd_train)
 
     conv = sub.add_parser("convert", help="convert checkpoints (to-hf / pth_to_hf) and merge adapters")

@@ -134,6 +134,10 @@ CASES = [
          r"output folder .*out already exists and is not empty"),
     Case("resume-nothing", "checkpoint", "--resume with no checkpoint",
          lambda t, m: ["train", cfg(t, m), "--work-dir", str(t / "w"), "--resume"], r"no complete checkpoint"),
+    Case("strategy-unknown", "cli", "unknown --deepspeed strategy",
+         lambda t, m: ["train", cfg(t, m), "--deepspeed", "deepspeed_zero4"],
+         r"--deepspeed: unknown strategy 'deepspeed_zero4'; valid: ddp, zero1, zero2, zero2_offload, zero3, "
+         r"zero3_offload"),
     Case("chat-missing", "cli", "chat with a model that does not exist",
          lambda t, m: ["chat", str(t / "ghost")], r"model folder not found"),
     Case("cli-unknown", "cli", "unknown command", lambda t, m: ["trian"], r"invalid choice: 'trian'", code=2),

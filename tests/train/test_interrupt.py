@@ -82,7 +82,8 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_non_zero(setup, sig, code
     step = int((work / "last_checkpoint").read_text().strip().split("_")[1])
     assert 0 < step < STEPS
     assert f"stopped by {sig.name} at step {step}/{STEPS}" in err
-    assert "--resume" in err and "Traceback" not in err
+    # the command to continue names the real config file, ready to paste
+    assert f"continue with: tunelab train {cfg} --work-dir {work} --resume" in err and "Traceback" not in err
     res = run_cli("train", str(cfg), "--work-dir", str(work), "--resume")
     assert res.returncode == 0, res.stderr
     assert losses(work) == ref

@@ -154,7 +154,7 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model_dir):
 
 
 def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import tunelab.train.loop as loop
+    import tunelab.train.setup as setup
     from tunelab.train.loss import causal_lm_loss
 
     calls = {"n": 0}
@@ -164,7 +164,7 @@ def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_pa
         calls["n"] += 1
         return (loss * float("nan"), n) if calls["n"] > 4 else (loss, n)  # NaN from step 3 (2 micro-batches)
 
-    monkeypatch.setattr(loop, "choose_loss", lambda *a: poisoned)
+    monkeypatch.setattr(setup, "choose_loss", lambda *a: poisoned)
     with pytest.raises(TrainingError, match=r"3 consecutive steps with a non-finite loss.*iter_2"):
         run(tmp_path, tiny_model_dir, overrides=["train.max_bad_steps=3", "runtime.save_steps=2",
                                                  "train.max_epochs=4", "data.pack_to_max_length=false"])

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from contextlib import nullcontext
 
 from tunelab.data.pack import collate
-from tunelab.train.dist import DistInfo
-from tunelab.train.loop import LossModule, accumulate_gradients
-from tunelab.train.loss import causal_lm_loss
+from tunelab.train.loop import accumulate_gradients
+from tunelab.train.loss import LossModule, causal_lm_loss
+from tunelab.train.parallel import Parallel
 
 
 def load(tiny_model_dir):
@@ -55,9 +55,8 @@ def test_packed_loss_equals_sum_of_samples_alone(tiny_model_dir):
 def grads_after(model, batches):
     model.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, _ = accumulate_gradients(LossModule(model, causal_lm_loss), batches, DistInfo(), torch.device("cpu"),
-                                   nullcontext(), scaler, 0)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss, _ = accumulate_gradients(LossModule(model, causal_lm_loss), batches, Parallel(), nullcontext(), scaler, 0)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_four_micro_batches_give_the_gradient_of_one_batch_of_four(tiny_model_dir):

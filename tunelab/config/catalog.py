@@ -108,7 +108,7 @@ def build_config(name: str) -> dict[str, Any]:
                  "max_length": m.max_length, "pack_to_max_length": True},
         "train": {"batch_size": 1, "accumulative_counts": 16, "max_epochs": d.epochs,
                   "lr": meth.lr, "betas": [0.9, 0.999],
-                  "weight_decay": 0.0, "max_norm": 1.0, "warmup_ratio": 0.03, "dtype": "auto"},
+                  "weight_decay": 0.0, "max_norm": 1.0, "warmup_ratio": 0.03, "dtype": "auto", "strategy": "ddp"},
         "runtime": {"log_interval": 10, "save_steps": 500, "save_total_limit": 2,
                     "evaluation_freq": 500, "evaluation_inputs": list(d.evaluation_inputs)},
     }
@@ -144,6 +144,7 @@ _COMMENTS = {
     "train.lr": "peak learning rate (linear warmup, then cosine)",
     "train.warmup_ratio": "share of all steps spent warming up (at least one step)",
     "train.dtype": "auto | float32 | bfloat16 | float16",
+    "train.strategy": "several GPUs: ddp | zero1 | zero2 | zero2_offload | zero3 | zero3_offload (= --deepspeed)",
     "runtime": "PART 4/4 logging, checkpoints, evaluation (XTuner part 5)",
     "runtime.save_steps": "save a checkpoint every N optimizer steps (and at the end)",
     "runtime.save_total_limit": "checkpoints to keep (-1 = all)",

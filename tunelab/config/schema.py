@@ -12,6 +12,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DATA_FORMATS = ("auto", "openai", "conversation", "alpaca", "sharegpt", "oasst1", "pretrain")
 ALL_LINEAR = "all-linear"
+# How a run spreads over the processes torchrun starts (train.strategy, or `--deepspeed NAME`). XTuner's
+# DeepSpeed names are accepted with or without their `deepspeed_` prefix; all sharding runs on torch FSDP2.
+STRATEGIES = {
+    "ddp": "every process holds the whole model and optimizer state; gradients are averaged (one process: plain)",
+    "zero1": "runs as zero2 (FSDP2 has no optimizer-only sharding)",
+    "zero2": "gradients and optimizer state sharded; parameters gathered once per step and kept for it",
+    "zero2_offload": "zero2, with the sharded parameters and optimizer state in CPU memory",
+    "zero3": "parameters, gradients and optimizer state sharded; each layer gathered only while it runs",
+    "zero3_offload": "zero3, with the sharded parameters and optimizer state in CPU memory",
+}
+
+
+def normalize_strategy(name: str) -> str:
+    """A strategy's canonical name from what a user may type (deepspeed_zero2, ZeRO3, zero3_offload)."""
+    key = str(name).strip().lower().removeprefix("deepspeed_").replace("-", "_")
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}'; valid: {', '.join(STRATEGIES)} "
+                         "(XTuner's deepspeed_zero2 etc. are accepted too)")
+    return key
 
 
 class Section(BaseModel):
@@ -135,6 +154,13 @@ class TrainSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Stop after this many consecutive updates with a non-finite loss or gradient norm.
     max_bad_steps: int = Field(5, gt=0)
+    # Several processes (torchrun): ddp, zero1, zero2, zero2_offload, zero3, zero3_offload (see STRATEGIES).
+    strategy: str = "ddp"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        return normalize_strategy(v)
 
     @field_validator("betas")
     @classmethod

@@ -87,7 +87,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 def load_model(path: str, *, dtype: torch.dtype, device: torch.device, quantization: str = "none",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               revision: str | None = None) -> Any:
+               revision: str | None = None, quant_storage: torch.dtype = torch.uint8) -> Any:
+    """`quant_storage`: the dtype NF4 weights are packed into. Sharded training (FSDP) needs the compute dtype
+    here, so the packed weights shard and gather like every other parameter (the FSDP-QLoRA recipe)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_weights(path)
@@ -96,7 +98,7 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, quantizat
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=quant_storage)
         kwargs["device_map"] = {"": device}
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -107,6 +109,28 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, quantizat
         raise ModelError(_explain_load_error(path, e, "model", trust_remote_code)) from None
     if quantization == "none":
         model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def empty_model(path: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model's structure on the meta device: no memory, no weights read. Sharded training builds this on
+    every process but one and fills each process's shards from the one that loaded the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_weights(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(_explain_load_error(path, e, "model", trust_remote_code)) from None
+    if (Path(path) / "generation_config.json").exists():  # as from_pretrained would: same answers on every rank
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.config.use_cache = False
     return model
 

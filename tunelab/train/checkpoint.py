@@ -2,8 +2,13 @@
 `last_checkpoint` pointer that only ever names a complete one.
 
 A checkpoint holds the trainable weights (a PEFT adapter folder, or the full model as sharded safetensors),
-the optimizer state (safetensors + JSON), RNG states, the data position and the resolved config. Nothing is
-pickled; nothing is loaded with torch.load.
+the optimizer state by parameter name (safetensors + JSON), RNG states, the data position and the resolved
+config. Nothing is pickled; nothing is loaded with torch.load.
+
+Saving is two halves: the run gathers a `Payload` (full CPU tensors by name; collective, train/parallel.py), then
+rank 0 writes it here. Writing touches no live parameter, so it could move off the step later.
+Loading checks names and shapes against the model from the files' headers on every process, then reads the
+tensors where the caller says (rank 0 of a distributed run) for parallel.py to broadcast.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import CheckpointError, TrainingError
@@ -82,17 +87,26 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+@dataclass
+class Payload:
+    """Everything a checkpoint holds that the run must gather first; full CPU tensors, keyed by name."""
+
+    weights: dict[str, torch.Tensor]  # trainable parameters (LoRA) or the whole model
+    optimizer: dict[str, Any]  # {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}
+    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # every process's, by rank
+    scaler: dict[str, Any] | None
+
+
+def _optimizer_tensors(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for idx, st in sd["state"].items():
+    for name, st in osd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"state.{name}.{k}"] = v.detach().cpu().contiguous()
             else:
-                scalars[f"state.{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"state.{name}.{k}"] = v
+    return tensors, {"format": "by_name", "param_groups": osd["param_groups"], "scalars": scalars}
 
 
 def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,25 +131,26 @@ def _failure_reason(e: Exception) -> str:
     return (text.splitlines() or [type(e).__name__])[0][:200]
 
 
-def save_checkpoint(work_dir: Path, state: TrainState, model: Any, optimizer: torch.optim.Optimizer,
-                    scaler_state: dict[str, Any] | None, config_yaml: str, keep: int,
-                    rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> Path:
+def save_checkpoint(work_dir: Path, state: TrainState, model: Any, payload: Payload, config_yaml: str,
+                    keep: int) -> Path:
     """Write iter_<step>/ atomically, point last_checkpoint at it, and prune old ones (never the newest).
-    `rng_states` holds every process's random states, by rank, so each resumes its own dropout stream."""
+    `model` gives only its config and adapter settings; the tensors come from `payload`. The RNG states of every
+    process are kept by rank, so each resumes its own dropout stream."""
     final = work_dir / f"iter_{state.step}"
     tmp = work_dir / f".iter_{state.step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_weights(model, tmp)
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_weights(model, tmp, payload.weights)
+        opt_tensors, opt_meta = _optimizer_tensors(payload.optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng_tensors = {f"rank{r}.{k}": t for r, (tensors, _) in enumerate(rng_states) for k, t in tensors.items()}
-        rng_meta = [meta for _, meta in rng_states]
+        rng_tensors = {f"rank{r}.{k}": t for r, (tensors, _) in enumerate(payload.rng_states)
+                       for k, t in tensors.items()}
+        rng_meta = [meta for _, meta in payload.rng_states]
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "config.yaml").write_text(config_yaml)
-        meta = {**asdict(state), "rng": rng_meta, "scaler": scaler_state, "saved_at": time.time()}
+        meta = {**asdict(state), "rng": rng_meta, "scaler": payload.scaler, "saved_at": time.time()}
         delay = float(os.environ.get("TUNELAB_DEBUG_SLOW_SAVE", "0") or 0)  # fault-injection hook for tests
         if delay:
             time.sleep(delay)
@@ -157,11 +172,12 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, optimizer: to
     return final
 
 
-def save_weights(model: Any, folder: Path) -> None:
+def save_weights(model: Any, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    """An adapter folder (PEFT names the tensors) or a sharded model folder, from gathered full tensors."""
     if hasattr(model, "peft_config"):
-        model.save_pretrained(str(folder), safe_serialization=True)
+        model.save_pretrained(str(folder), state_dict=weights, safe_serialization=True)
     else:
-        model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
+        model.save_pretrained(str(folder), state_dict=weights, safe_serialization=True, max_shard_size="2GB")
 
 
 def prune(work_dir: Path, keep: int, newest: Path) -> None:
@@ -191,45 +207,84 @@ def load_state(ckpt: Path) -> tuple[TrainState, dict[str, Any]]:
     return TrainState(**meta), extra
 
 
-def load_weights(model: Any, ckpt: Path) -> None:
+def read_weights(model: Any, ckpt: Path, load: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's trainable weights keyed by the model's parameter names, checked against the model from
+    the files' headers (every process does this); the tensors themselves only where `load` is true."""
+    params = dict(model.named_parameters())
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
         f = ckpt / "adapter_model.safetensors"
         if not f.exists():
             raise CheckpointError(f"{ckpt} holds no adapter_model.safetensors (was it a full fine-tuning run?)")
-        try:
-            result = set_peft_model_state_dict(model, load_file(str(f)))
-        except RuntimeError as e:  # size mismatch: the adapter settings (r, targets) changed
-            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:200])
-            raise CheckpointError(f"{f} does not fit this model's adapters: {detail[:240]}") from None
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"{f} does not match this model's adapters: {result.unexpected_keys[:3]}")
-        return
-    files = sorted(ckpt.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{ckpt} holds no model*.safetensors (was it a LoRA run?)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        files, names = [f], _adapter_names(model)
+        where = f"{f} does not fit this model's adapters"
+    else:
+        files = sorted(ckpt.glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{ckpt} holds no model*.safetensors (was it a LoRA run?)")
+        names = {n: n for n in params}
+        where = f"{ckpt} does not match the model"
+    # a tied output head is the embedding: saved or not, it is set through the embedding
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise CheckpointError(f"{ckpt} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    shapes = {k: v for k, v in _shapes(files).items() if k not in tied or k in names}
+    unexpected = sorted(k for k in shapes if k not in names)
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected {unexpected[:3]}")
+    for key, shape in shapes.items():
+        want = list(params[names[key]].shape)
+        if shape != want:
+            raise CheckpointError(f"{where}: size mismatch for {key}: the checkpoint has {shape}, the model {want}")
+    trained = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(trained - {names[k] for k in shapes} - tied)
+    if missing:
+        raise CheckpointError(f"{where}: missing {missing[:3]}")
+    if not load:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update({names[k]: t for k, t in load_file(str(f)).items() if k in shapes})
+    return out
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+def _shapes(files: list[Path]) -> dict[str, list[int]]:
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            keys = fh.keys()
+            shapes.update({k: list(fh.get_slice(k).get_shape()) for k in keys})
+    return shapes
+
+
+def _adapter_names(model: Any) -> dict[str, str]:
+    """Adapter-file key -> parameter name. PEFT renames when it saves (drops the adapter name, and more for some
+    methods); asking it to rename numbered stand-ins gives the exact inverse."""
+    from peft.utils import get_peft_model_state_dict
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    tags = {n: torch.tensor(i) for i, n in enumerate(trainable)}
+    return {k: trainable[int(v)] for k, v in get_peft_model_state_dict(model, state_dict=tags).items()}
+
+
+def read_optimizer(ckpt: Path, names: list[str], load: bool) -> dict[str, Any]:
+    """Optimizer state by parameter name. `names`: the optimizer's parameters in order, to check the file
+    against (and to read checkpoints from before names were saved, which kept positions)."""
     meta = json.loads((ckpt / "optimizer.json").read_text())
-    state: dict[int, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
-    for key, v in meta["scalars"].items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = meta["param_groups"]
+    by_position = meta.get("format") != "by_name"
+    if by_position:
+        groups = [{**g, "params": [names[int(i)] for i in g["params"] if int(i) < len(names)]} for g in groups]
+    saved = [n for g in groups for n in g["params"]]
+    if saved != names:
+        extra, lost = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+        raise CheckpointError(f"{ckpt / 'optimizer.json'} is for other parameters than this model trains "
+                              f"(only in the checkpoint: {extra[:2]}; only in the model: {lost[:2]})")
+    if not load:
+        return {}
+    state: dict[str, dict[str, Any]] = {}
+    items = list(load_file(str(ckpt / "optimizer.safetensors")).items()) + list(meta["scalars"].items())
+    for key, v in items:
+        owner, name = key.removeprefix("state.").rsplit(".", 1)
+        state.setdefault(names[int(owner)] if by_position else owner, {})[name] = v
+    return {"state": state, "param_groups": groups}
 
 
 def restore_rng(ckpt: Path, rng_meta: list[dict[str, Any]], rank: int, device: torch.device) -> None:
@@ -244,8 +299,3 @@ def restore_rng(ckpt: Path, rng_meta: list[dict[str, Any]], rank: int, device: t
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = rng_meta[rank]["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]

@@ -4,9 +4,12 @@ end, `loss_curve.png`. Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from tunelab import ui
 
@@ -16,6 +19,31 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def memory_gib(device: torch.device) -> float:
+    """The figure the step line shows: peak GPU memory on a GPU, current host memory (RSS) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak host memory (RSS) and, on a GPU, its peak allocated GPU memory, in GiB."""
+    out = {"host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+    if device.type == "cuda":
+        out["gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def rank_line(r: dict[str, Any]) -> str:
+    """One process's share of a run: how much of the model and optimizer state it holds, and its peak memory."""
+    gpu = f", peak GPU {r['gpu_gib']:.2f} GiB" if "gpu_gib" in r else ""
+    return (f"rank {r['rank']}: {r['params_local']:,} of {r['params_total']:,} parameter values "
+            f"({100 * r['params_local'] / max(r['params_total'], 1):.1f}%), optimizer state "
+            f"{r['optim_local']:,} of {r['optim_total']:,} values, peak host {r['host_gib']:.2f} GiB{gpu}")
 
 
 class RunLogger:

@@ -4,11 +4,15 @@ Labels arrive already shifted (labels[t] is the target after position t, or -100
 the output head and cross-entropy run only on positions that have a target, which skips the (large) vocabulary
 projection for prompt and padding tokens. The function returns the *sum* of token losses and the token count,
 so gradient accumulation can weight every token in the accumulated batch equally.
+
+`LossModule` holds the model and the loss function: it is what DDP wraps and what FSDP shards as its root, so
+the decoder and the head run inside the root's forward, where a sharded run has gathered their parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,18 @@ LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tens
 
 # Models whose logits are exactly `lm_head(final hidden state)`; others go through the full forward.
 _PLAIN_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class LossModule(torch.nn.Module):
+    """Model + loss in one module: one forward pass that DDP and FSDP see whole."""
+
+    def __init__(self, model: Any, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(self.model, batch)
 
 
 def split_decoder_and_head(model: Any) -> tuple[Any, Any] | None:

@@ -1,0 +1,202 @@
+"""Sharded training (FSDP2 on gloo, CPU processes under torchrun): 2 and 4 processes give the one-process loss
+sequence for LoRA, QLoRA and full fine-tuning; zero3 leaves each process 1/N of the model and optimizer state;
+kill -9 of a 2-process run resumes on 1 and on 4 processes with the same losses, and its checkpoint converts
+and merges; a dead rank and a missing model end every process with one clear line."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, chat_records, tiny_config, write_jsonl
+from tunelab.config.load import load_config
+from tunelab.errors import ConfigError, TrainingError
+from tunelab.train.log import read_scalars
+from tunelab.train.loop import train
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+STEPS = 4  # 16 rows, 4 rows per optimizer step
+FULL = ["model.lora=null", "train.lr=1e-4"]
+METHODS = {"lora": [], "full": FULL, "qlora": ["model.quantization=nf4"]}
+# (processes, strategy, method): the one-process run each must reproduce, with the same rows per step
+CASES = [(2, "zero3", "lora"), (2, "zero2", "full"), (2, "zero3", "full"), (2, "zero2", "lora"), (2, "zero3", "qlora"),
+         (4, "zero3", "lora"), (4, "zero2", "full"), (4, "zero3", "full"), (4, "zero2", "lora")]
+
+
+def env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TUNELAB_DIST_TIMEOUT": "60", **extra}
+
+
+def torchrun(n: int, *args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` picks a free port, so tests never collide on one."""
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", str(n), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env(**extra_env), check=False)
+
+
+def runs_of(work: Path) -> list[dict]:
+    logs = sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(("iter_", ".")))
+    return [r for log in logs for r in read_scalars(log / "scalars.jsonl")]
+
+
+def log_text(work: Path) -> str:
+    return "".join((p / "train.log").read_text() for p in sorted(work.iterdir()) if (p / "train.log").exists())
+
+
+def assert_same_losses(got: list[dict], ref: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("sharded")
+    data = write_jsonl(tmp / "data.jsonl", chat_records(16))
+    cfg = tiny_config(tmp, tiny_model_dir, data, data={"pack_to_max_length": False},
+                      train={"max_steps": STEPS, "batch_size": 1, "accumulative_counts": 4},
+                      runtime={"save_steps": 2, "save_total_limit": -1, "evaluation_inputs": ["Who are you?"],
+                               "evaluation_freq": 2, "evaluation_max_new_tokens": 4})
+    refs = {}
+    for method, over in METHODS.items():  # one process, in this process
+        res = train(load_config(cfg, over), "tiny", work_dir=tmp / f"ref_{method}")
+        refs[method] = res
+    return tmp, cfg, refs
+
+
+@pytest.fixture(scope="module")
+def launched(base):
+    """Every case of CASES: one torchrun launch per process count, the runs one after another inside it."""
+    tmp, cfg, _ = base
+    out = {}
+    for n in (2, 4):
+        jobs = [{"config": str(cfg), "work_dir": str(tmp / f"{n}_{s}_{m}"),
+                 "overrides": [f"train.strategy={s}", f"train.accumulative_counts={4 // n}", *METHODS[m],
+                               "model.gradient_checkpointing=true"]}
+                for (k, s, m) in CASES if k == n]
+        spec = tmp / f"jobs{n}.json"
+        spec.write_text(json.dumps(jobs))
+        res = torchrun(n, str(ROOT / "tests" / "train" / "sharded_runs.py"), str(spec), timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        out.update({(n, s, m): tmp / f"{n}_{s}_{m}" for (k, s, m) in CASES if k == n})
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_sharded_runs_give_the_one_process_losses(base, launched, case):
+    _, _, refs = base
+    work = launched[case]
+    ref_dir = refs[case[2]].work_dir
+    assert_same_losses(runs_of(work), runs_of(ref_dir))
+    # evaluation ran through the sharded model on every rank; greedy answers match the one-process run
+    evals = [json.loads(x) for log in work.glob("2*") for x in (log / "eval_outputs.jsonl").read_text().splitlines()]
+    ref_evals = [json.loads(x) for x in (refs[case[2]].log_dir / "eval_outputs.jsonl").read_text().splitlines()]
+    assert evals == ref_evals and [e["step"] for e in evals] == [2, 4]
+    assert len([p for p in work.iterdir() if p.is_dir() and p.name.startswith("2")]) == 1  # only rank 0 logs
+    log = log_text(work)
+    assert f"strategy {case[1]} over {case[0]} processes" in log
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_zero3_leaves_each_process_one_nth_of_the_model_and_optimizer_state(launched, n):
+    for method in ("lora", "full"):
+        log = log_text(launched[(n, "zero3", method)])
+        shares = re.findall(r"rank (\d): ([\d,]+) of ([\d,]+) parameter values .*optimizer state ([\d,]+) of "
+                            r"([\d,]+) values, peak host ([\d.]+) GiB", log)
+        final = shares[-n:]  # each rank's line at the end of the run
+        assert sorted(int(r) for r, *_ in final) == list(range(n))
+        for _, p_local, p_total, o_local, o_total, host in final:
+            p_local, p_total, o_local, o_total = (int(x.replace(",", "")) for x in (p_local, p_total, o_local,
+                                                                                    o_total))
+            assert p_local == pytest.approx(p_total / n, rel=0.02)
+            assert o_local == pytest.approx(o_total / n, rel=0.02) and o_total > 0
+            assert float(host) > 0
+
+
+def test_kill_9_then_resume_on_one_and_on_four_processes(base, tiny_model_dir):
+    tmp, cfg, refs = base
+    work = tmp / "killed"
+    args = ["-m", "tunelab", "train", str(cfg), "--work-dir", str(work), "--deepspeed", "deepspeed_zero3",
+            "train.accumulative_counts=2"]
+    res = torchrun(2, *args, TUNELAB_DEBUG_KILL="*:4")  # every process dies as step 4 starts
+    assert res.returncode != 0
+    assert (work / "last_checkpoint").read_text().strip() == "iter_2"
+    ref = runs_of(refs["lora"].work_dir)
+    assert_same_losses(runs_of(work), ref[:3])
+
+    one, plain, four = tmp / "resumed1", tmp / "resumed_plain", tmp / "resumed4"
+    for w in (one, plain, four):
+        shutil.copytree(work / "iter_2", w / "iter_2")
+    # one process, sharded (a one-process group) and plain: the checkpoint does not depend on the strategy
+    assert train(load_config(cfg, ["train.strategy=zero3"]), "tiny", work_dir=one, resume=True).steps == STEPS
+    assert train(load_config(cfg), "tiny", work_dir=plain, resume=True).steps == STEPS
+    res = torchrun(4, "-m", "tunelab", "train", str(cfg), "--work-dir", str(four), "--resume", "--deepspeed",
+                   "zero3", "train.accumulative_counts=1")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"resumed from {four / 'iter_2'} at step 2/4" in res.stdout
+    assert "resume: train.accumulative_counts 2 -> 1" in res.stdout
+    for w in (one, plain, four):
+        assert_same_losses(runs_of(w), ref[2:])
+
+    # the sharded run's checkpoint is an ordinary one: to-hf gives the adapter the one-process run trained
+    from tunelab.export.merge import merge_adapter
+    from tunelab.export.to_hf import checkpoint_to_hf
+
+    adapter = checkpoint_to_hf(load_config(cfg), four / "iter_4", tmp / "adapter")
+    got = load_file(str(adapter / "adapter_model.safetensors"))
+    want = load_file(str(refs["lora"].checkpoint / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    merged = merge_adapter(str(tiny_model_dir), adapter, tmp / "merged")
+    assert list(merged.glob("*.safetensors"))
+
+
+def test_a_dead_rank_makes_the_others_exit_naming_it(base):
+    tmp, cfg, _ = base
+    t0 = time.monotonic()
+    res = torchrun(2, "-m", "tunelab", "train", str(cfg), "--work-dir", str(tmp / "dead"), "--deepspeed", "zero3",
+                   "train.accumulative_counts=2", timeout=120, TUNELAB_DEBUG_KILL="1:3")
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 90
+    assert "error: rank 1 of this run ended without an error message (killed? out of memory?); rank 0 stops " \
+           "too" in res.stderr
+    assert (tmp / "dead" / "last_checkpoint").read_text().strip() == "iter_2"
+
+
+def test_zero3_with_a_missing_model_ends_every_process_with_one_line(base, tmp_path):
+    _, cfg, _ = base
+    res = torchrun(2, "-m", "tunelab", "train", str(cfg), "--work-dir", str(tmp_path / "w"), "--deepspeed",
+                   "zero3", f"model.path={tmp_path / 'nope'}", timeout=120)
+    assert res.returncode != 0
+    assert re.findall(r"^error: .*", res.stderr, re.MULTILINE) == [f"error: model folder not found: {tmp_path / 'nope'}"]
+    assert "[rank" not in res.stderr  # no process printed a traceback (torchrun's own summary follows)
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").glob("iter_*"))
+
+
+@pytest.mark.parametrize("given, name", [("deepspeed_zero2", "zero2"), ("zero3", "zero3"),
+                                         ("deepspeed_zero3_offload", "zero3_offload"), ("ZeRO1", "zero1")])
+def test_xtuner_strategy_names_are_the_config_key(base, given, name):
+    _, cfg, _ = base
+    assert load_config(cfg, [f"train.strategy={given}"]).train.strategy == name
+
+
+def test_an_unknown_strategy_lists_the_valid_ones(base):
+    _, cfg, _ = base
+    with pytest.raises(ConfigError, match=r"train\.strategy: unknown strategy 'zero4'; valid: ddp, zero1, zero2, "
+                                          r"zero2_offload, zero3, zero3_offload"):
+        load_config(cfg, ["train.strategy=zero4"])
+
+
+def test_fp16_with_sharding_is_refused_before_anything_loads(base):
+    tmp, cfg, _ = base
+    with pytest.raises(TrainingError, match=r"train\.dtype float16 with strategy zero3: use bfloat16"):
+        train(load_config(cfg, ["train.strategy=zero3", "train.dtype=float16"]), "tiny", work_dir=tmp / "fp16")
