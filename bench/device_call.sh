@@ -42,6 +42,10 @@ case $call in
         qlora7b_sdpa:compile=cudagraphs,ckpt=off
     peer 120 qlora7b_sdpa
     ;;
+  qlora7b)  # the 7B QLoRA defaults against the peer, each in a fresh process
+    peer 100 qlora7b_sdpa
+    tl $(( $(left) - 3 )) qlora7b_sdpa
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

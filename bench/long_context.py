@@ -26,10 +26,10 @@ from tunelab.model import kernels  # noqa: E402
 from tunelab.model.adapters import add_lora  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
 from tunelab.model.offload import OffloadPolicy  # noqa: E402
-from tunelab.train.dist import DistInfo  # noqa: E402
-from tunelab.train.loop import LossModule, accumulate_gradients  # noqa: E402
-from tunelab.train.loss import choose_loss  # noqa: E402
+from tunelab.train.loop import accumulate_gradients  # noqa: E402
+from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
+from tunelab.train.parallel import Parallel  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -66,14 +66,14 @@ def main() -> None:
         try:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            loss, _ = accumulate_gradients(loss_module, [(rows, False)], DistInfo(), CUDA,
+            loss, _ = accumulate_gradients(loss_module, [(rows, False)], Parallel(device=CUDA),
                                            torch.autocast("cuda", dtype=torch.bfloat16),
                                            torch.amp.GradScaler("cuda", enabled=False), 0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             step = time.perf_counter() - t
-            res.update(ok=True, step_s=round(step, 1), tokens_per_s=round(n / step), loss=round(loss, 3),
+            res.update(ok=True, step_s=round(step, 1), tokens_per_s=round(n / step), loss=round(float(loss), 3),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                        host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1))
             if policy is not None:

@@ -114,7 +114,7 @@ def drive(prefixes: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ref: dict[str, list[float]] = {}
         for name in names:
-            cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "1",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                    __file__, "--one", name, tmp]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                   check=False)
