@@ -45,23 +45,11 @@ def _quiet_libraries(debug: bool) -> None:
         pass
 
 
-def _load_config(name_or_path: str, overrides: list[str]):
-    """A config file, or the name of a built-in config."""
-    from tunelab.config.catalog import CATALOG, build_config
-    from tunelab.config.load import apply_override, load_config, resolve_paths, validate
+def _load_config(source: str, overrides: list[str]):
+    """A config file or the name of a built-in config, and the run's name."""
+    from tunelab.config.load import config_name, load_config
 
-    if Path(name_or_path).is_file():
-        return load_config(name_or_path, overrides), Path(name_or_path).stem
-    if name_or_path in CATALOG:
-        raw = build_config(name_or_path)
-        for item in overrides:
-            apply_override(raw, item)
-        return resolve_paths(validate(raw, source=name_or_path), Path.cwd()), name_or_path
-    import difflib
-
-    close = difflib.get_close_matches(name_or_path, list(CATALOG), n=1)
-    hint = f"; did you mean the built-in config '{close[0]}'?" if close else " (tunelab list-cfg lists built-in ones)"
-    raise ConfigError(f"config file not found: {name_or_path}{hint}")
+    return load_config(source, overrides), config_name(source)
 
 
 def _generation_options(args: argparse.Namespace):
@@ -213,33 +201,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_data_self_cognition(args: argparse.Namespace) -> int:
     from tunelab.data.convert import write_records
-    from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_records, mix
+    from tunelab.data.selfcog import self_cognition_records
 
-    if not args.name.strip():
-        raise TunelabError("--name: the owner's name must not be empty")
-    if not 0 <= args.general_ratio < 1:
-        raise TunelabError(f"--general-ratio must be at least 0 and below 1, got {args.general_ratio}")
-    if args.n is not None and args.n < 1:
-        raise TunelabError(f"--n must be at least 1, got {args.n}")
-    records = identity_records(args.name, args.model_desc, n=args.n, seed=args.seed, system=args.system)
-    general: list[dict] = []
-    if args.general:
-        from tunelab.data.convert import read_as_samples
-        from tunelab.data.formats import Document, to_openai_record
-        from tunelab.errors import DataError
-
-        # Any readable format, converted like `data convert` does, so the output is in one format.
-        for where, sample in read_as_samples(args.general, hint="use openai, alpaca, sharegpt, conversation or "
-                                                                "oasst1 records"):
-            if isinstance(sample, Document):
-                raise DataError(f"{where}: --general needs question-answer records, not plain text")
-            general.append(to_openai_record(sample))
+    replay = None
     if args.replay_model:
-        from tunelab.demo import replay_answers
+        from functools import partial
 
-        general += general_records(GENERAL_TRAIN, replay_answers(args.replay_model, GENERAL_TRAIN))
-    if general:
-        records = mix(records, general, args.general_ratio, seed=args.seed)
+        from tunelab.infer.selfcog_eval import replay_answers
+
+        replay = partial(replay_answers, args.replay_model)
+    records = self_cognition_records(args.name, model_desc=args.model_desc, n=args.n, seed=args.seed,
+                                     system=args.system, general_file=args.general,
+                                     replay=replay, general_ratio=args.general_ratio)
     write_records(records, Path(args.out), args.format, overwrite=args.overwrite)
     print(f"wrote {len(records)} records to {args.out}")
     return 0

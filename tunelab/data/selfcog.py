@@ -9,7 +9,8 @@ A held-out set of identity phrasings and of general questions is never used for 
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 IDENTITY_TRAIN = {
     "en": [
@@ -137,3 +138,38 @@ def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) 
     out = identity + picked
     rng.shuffle(out)
     return out
+
+
+def read_general(path: str) -> list[dict[str, Any]]:
+    """Question-answer records of any readable format, as OpenAI records (so the output has one format)."""
+    from tunelab.data.convert import read_as_samples
+    from tunelab.data.formats import Document, to_openai_record
+    from tunelab.errors import DataError
+
+    out = []
+    for where, sample in read_as_samples(path, hint="use openai, alpaca, sharegpt, conversation or oasst1 records"):
+        if isinstance(sample, Document):
+            raise DataError(f"{where}: --general needs question-answer records, not plain text")
+        out.append(to_openai_record(sample))
+    return out
+
+
+def self_cognition_records(name: str, *, model_desc: str | None = None, n: int | None = None, seed: int = 0,
+                           system: str | None = None, general_file: str | None = None,
+                           replay: Callable[[list[str]], list[str]] | None = None,
+                           general_ratio: float = 0.3) -> list[dict[str, Any]]:
+    """Identity records for `name`, mixed with general records at `general_ratio`: those of `general_file`, plus
+    the answers `replay` (a model's own answers, from the caller) gives to the built-in general questions."""
+    from tunelab.errors import DataError
+
+    if not name.strip():
+        raise DataError("--name: the owner's name must not be empty")
+    if not 0 <= general_ratio < 1:
+        raise DataError(f"--general-ratio must be at least 0 and below 1, got {general_ratio}")
+    if n is not None and n < 1:
+        raise DataError(f"--n must be at least 1, got {n}")
+    records = identity_records(name, model_desc, n=n, seed=seed, system=system)
+    extra = read_general(general_file) if general_file else []
+    if replay is not None:
+        extra += general_records(GENERAL_TRAIN, replay(list(GENERAL_TRAIN)))
+    return mix(records, extra, general_ratio, seed=seed) if extra else records

@@ -49,6 +49,16 @@ def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
     return names_owner(answer, name) or echoes_identity(answer, refs)
 
 
+def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -> list[str]:
+    """The model's own greedy answers: training on them keeps its general behaviour."""
+    from tunelab.infer.generate import load_chat_model
+
+    chat = load_chat_model(model)
+    convs = [Conversation([Message("user", q)]) for q in questions]
+    # One batch: on a CPU, fewer sequential decoding steps beat the extra padding (34 s vs 61 s for 86 questions).
+    return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=128)
+
+
 def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = None, model_desc: str | None = None,
                             max_new_tokens: int = 64) -> SelfCognitionReport:
     questions = [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
