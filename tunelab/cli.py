@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from tunelab import __version__, ui
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, missing_module_message
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -26,6 +26,9 @@ def _quiet_libraries(debug: bool) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers' own bars (GGUF de-quantising, "Loading weights", "Writing model shards") ignore its
+    # disable_progress_bar(); tqdm reads this when it is first imported, which is after this point.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import logging
     import warnings
 
@@ -282,6 +285,8 @@ def _load_for_serving(args: argparse.Namespace):
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    import gradio  # noqa: F401  (a missing package is reported before the slow model load)
+
     from tunelab.infer.api import ensure_port_free
     from tunelab.infer.web import serve_web
 
@@ -480,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         ui.error(str(e))
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if args.debug or not e.name:
+            traceback.print_exc()
+        ui.error(missing_module_message(e) if e.name else str(e))
+        return 1
     except KeyboardInterrupt:
         ui.error("interrupted")
         return 130

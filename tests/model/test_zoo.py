@@ -83,16 +83,20 @@ def python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedProc
 
 
 def test_offline_the_wheel_in_a_folder_named_by_tunelab_wheels_is_converted(tmp_path: Path, smollm2_wheel: Path):
+    """Also: transformers' progress bars (de-quantising, loading, writing shards) stay hidden without --debug."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     shutil.copy(smollm2_wheel, wheels)
     env = offline_env(tmp_path / "cache", TUNELAB_WHEELS=str(wheels))
-    res = python("from tunelab.model.zoo import ensure_default_model; print(ensure_default_model())", env)
+    res = subprocess.run([sys.executable, "-m", "tunelab", "chat", "smollm2-135m-instruct", "--max-new-tokens", "4"],
+                         input="What is 2 plus 2?\n", env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    folder = Path(res.stdout.strip().splitlines()[-1])
-    assert folder == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    folder = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert "downloading" not in res.stdout + res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == f"converting the default model {zoo.GGUF_NAME} -> {folder} (once)" and len(lines) == 2
+    assert res.stderr == "" and "downloading" not in res.stdout  # no download, no third-party bars
 
 
 def test_an_installed_package_is_found_without_importing_it(tmp_path: Path, smollm2_wheel: Path):
