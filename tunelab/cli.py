@@ -199,7 +199,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat = load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
     return run_chat(chat, _generation_options(args), system=args.system, stream=not args.no_streamer,
-                    as_json=args.json, keep_history=not args.no_history)
+                    as_json=args.json, keep_history=True if args.history else False if args.no_history else None)
 
 
 def cmd_data_self_cognition(args: argparse.Namespace) -> int:
@@ -377,12 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert_merge)
 
-    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    s = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Chat with a model. At a terminal the questions are one conversation. When "
+                                   "stdin is not a terminal (questions piped in, one per line), each line is "
+                                   "answered on its own; --history makes them one conversation.")
     s.add_argument("model", help="model folder, hub id or smollm2-135m-instruct")
     _add_generation_args(s)
     s.add_argument("--no-streamer", action="store_true", help="print whole answers instead of streaming")
     s.add_argument("--json", action="store_true", help="print each answer as a JSON line")
-    s.add_argument("--no-history", action="store_true", help="answer every question on its own")
+    history = s.add_mutually_exclusive_group()
+    history.add_argument("--history", action="store_true",
+                         help="keep the conversation when questions are piped in (default: each line on its own)")
+    history.add_argument("--no-history", action="store_true",
+                         help="answer every question on its own, at a terminal too")
     s.set_defaults(func=cmd_chat)
 
     data = sub.add_parser("data", help="make, convert and prepare datasets")
