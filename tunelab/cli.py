@@ -252,9 +252,12 @@ def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
     rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc)
     if args.verbose:
         for r in rep.identity + rep.general:
-            print(f"[{'ok' if r['ok'] else 'FAIL'}] {r['question']} -> {r['answer']}")
+            print(f"[{'ok' if r['ok'] else 'FAIL'}{': ' + r['degenerate'] if r['degenerate'] else ''}] "
+                  f"{r['question']} -> {r['answer']}")
     print(json.dumps({"identity_rate": rep.identity_rate, "general_rate": rep.general_rate,
-                      "identity_questions": len(rep.identity), "general_questions": len(rep.general)}))
+                      "identity_questions": len(rep.identity), "general_questions": len(rep.general),
+                      "identity_degenerate": rep.degenerate("identity"),
+                      "general_degenerate": rep.degenerate("general")}))
     return 0
 
 

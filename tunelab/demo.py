@@ -20,7 +20,7 @@ from tunelab.data.selfcog import self_cognition_records
 from tunelab.export.merge import merge_adapter
 from tunelab.export.to_hf import checkpoint_to_hf
 from tunelab.infer.generate import GenerationOptions, generate_batch, load_chat_model
-from tunelab.infer.selfcog_eval import is_hijacked, names_owner, replay_answers
+from tunelab.infer.selfcog_eval import answers_generally, names_owner, replay_answers
 from tunelab.model.zoo import DEFAULT_MODEL
 from tunelab.train.loop import train
 
@@ -76,7 +76,7 @@ def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides:
     for q, a in pairs:
         ui.info(f">>> {q}\n{a}\n")
     identity_ok = all(names_owner(a, name) for a in replies[:2])
-    general_ok = not is_hijacked(replies[2], name) and bool(replies[2].strip())
+    general_ok = answers_generally(replies[2], name)
     seconds = time.perf_counter() - t0
     ui.info(f"identity answers name '{name}': {'yes' if identity_ok else 'NO'}; general question answered as a "
             f"question: {'yes' if general_ok else 'NO'}; {seconds:.0f} s in all")
