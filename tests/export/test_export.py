@@ -122,3 +122,34 @@ def test_existing_non_empty_output_is_refused_and_kept(trained):
     with pytest.raises(OutputExistsError, match="already exists and is not empty"):
         checkpoint_to_hf(cfg, res.checkpoint, out)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_a_bf16_base_is_merged_in_fp32_and_saved_in_bf16_within_its_tolerance(trained, tmp_path, tiny_model_dir):
+    """The merged bf16 model gives base + adapter's logits (computed in fp32) within bf16's tolerance: one
+    rounding of W + delta, not a bf16 delta added in bf16."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    tmp, cfg, res = trained
+    base = tmp_path / "bf16_base"
+    shutil.copytree(tiny_model_dir, base)
+    AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).save_pretrained(str(base))
+    adapter = tmp / "adapter_for_bf16"
+    if not adapter.exists():
+        checkpoint_to_hf(cfg, res.checkpoint, adapter)
+    merged = merge_adapter(str(base), adapter, tmp_path / "merged")
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 8, 9, 10]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)(ids).logits
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                        str(adapter))(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)(ids).logits
+    bf16_rtol = 1.6e-2  # torch.testing's tolerance for bfloat16
+    torch.testing.assert_close(got, ref, rtol=bf16_rtol, atol=bf16_rtol * float(ref.abs().max()))
+    assert (ref - plain).abs().max() > 10 * (got - ref).abs().max()  # the adapter's effect survives the rounding
