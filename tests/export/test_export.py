@@ -153,3 +153,25 @@ def test_a_bf16_base_is_merged_in_fp32_and_saved_in_bf16_within_its_tolerance(tr
     bf16_rtol = 1.6e-2  # torch.testing's tolerance for bfloat16
     torch.testing.assert_close(got, ref, rtol=bf16_rtol, atol=bf16_rtol * float(ref.abs().max()))
     assert (ref - plain).abs().max() > 10 * (got - ref).abs().max()  # the adapter's effect survives the rounding
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_output_folders_follow_the_process_umask(trained, tmp_path, tiny_model_dir, umask, file_mode, dir_mode):
+    """Not mkdtemp's 0700 nor a writer's 0600: a server or container running as another user reads them."""
+    import os
+    import stat
+
+    from tunelab.infer.app import export_app
+
+    tmp, cfg, res = trained
+    old = os.umask(umask)
+    try:
+        outs = [checkpoint_to_hf(cfg, res.checkpoint, tmp_path / "adapter")]
+        outs.append(merge_adapter(str(tiny_model_dir), outs[0], tmp_path / "merged"))
+        outs.append(export_app(str(outs[1]), tmp_path / "space"))
+    finally:
+        os.umask(old)
+    for out in outs:
+        for p in [out, *out.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            assert mode == (dir_mode if p.is_dir() else file_mode), (p, oct(mode))

