@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -80,5 +82,8 @@ def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides:
     seconds = time.perf_counter() - t0
     ui.info(f"identity answers name '{name}': {'yes' if identity_ok else 'NO'}; general question answered as a "
             f"question: {'yes' if general_ok else 'NO'}; {seconds:.0f} s in all")
-    ui.info(f"try it yourself: tunelab chat {merged}")
+    # The command as the user ran it (`.venv/bin/tunelab` in the README: the venv is not activated).
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "tunelab" else "tunelab"
+    ui.info(f"try it yourself: {prog} chat {merged}\n"
+            f"held-out evaluation: {prog} eval self-cognition {merged} --name {shlex.quote(name)}")
     return DemoResult(work_dir, merged, pairs, identity_ok, general_ok, seconds)
