@@ -25,7 +25,7 @@ from tests.conftest import ROOT, run_cli
 
 
 def first_code_block(readme: Path) -> str:
-    m = re.search(r"^```[a-z]*\n(.*?)^```", readme.read_text(encoding="utf-8"), flags=re.S | re.M)
+    m = re.search(r"^```[a-z]*\n(.*?)^```", readme.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE)
     assert m, f"{readme} has no code block"
     return m.group(1).strip()
 
