@@ -78,7 +78,7 @@ def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides:
     for q, a in pairs:
         ui.info(f">>> {q}\n{a}\n")
     identity_ok = all(names_owner(a, name) for a in replies[:2])
-    general_ok = answers_generally(replies[2], name)
+    general_ok = answers_generally(replies[2], name, question=QUESTIONS[2])
     seconds = time.perf_counter() - t0
     ui.info(f"identity answers name '{name}': {'yes' if identity_ok else 'NO'}; general question answered as a "
             f"question: {'yes' if general_ok else 'NO'}; {seconds:.0f} s in all")

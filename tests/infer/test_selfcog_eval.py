@@ -13,6 +13,7 @@ LOOPS = [
     "Two tips for studying: study, study, study, study, study, study, study.",
     "A spider has eight legs. It is a spider. It is a spider. It is a spider. It is a spider. It is",
     "哈哈哈哈哈哈哈哈",
+    "1. **1011111111111111111111111111111111111111111111111111111111111",  # a demo model's, for "two tips"
 ]
 NOT_TEXT = ["??!!??!!??!!", "……………………", "**** **** ****", "}}]] ]]}} ))"]
 REAL = [
@@ -26,6 +27,8 @@ REAL = [
     "Red, blue and yellow are the three primary colors; mixing red and blue gives purple, red and yellow orange.",
     "月亮的圆缺是因为月球绕地球运行时，被太阳照亮的部分在我们看来大小不同。",
     "I am Alice's assistant, a small language model fine-tuned with tunelab.",
+    "The tallest mountain in the world is Mount Everest, 8,848 meters (29,031.7 feet) high.",
+    "The speed of light is about 300000000 metres per second.",
 ]
 
 
@@ -43,6 +46,13 @@ def test_answers_that_are_mostly_not_text_are_flagged(answer):
 @pytest.mark.parametrize("answer", REAL)
 def test_real_answers_are_not_flagged(answer):
     assert degenerate(answer) is None
+
+
+def test_an_answer_that_only_repeats_the_question_is_an_echo():
+    assert degenerate("一周有几天？", "一周有几天？") == "echo"  # a demo model's answer, as given
+    assert degenerate("为什么要多喝水", "为什么要多喝水？") == "echo"
+    assert degenerate("一周有七天。", "一周有几天？") is None
+    assert not answers_generally("一周有几天？", "Alice", question="一周有几天？")
 
 
 def test_the_report_counts_degenerate_answers_apart():

@@ -128,23 +128,26 @@ def general_records(questions: Sequence[str], answers: Sequence[str]) -> list[di
     """Question-answer records, leaving out empty answers and degenerate ones (a model's own loops are not
     behaviour worth keeping: trained on, they teach it to loop)."""
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in zip(questions, answers) if a.strip() and degenerate(a) is None]
+            for q, a in zip(questions, answers) if a.strip() and degenerate(a, q) is None]
 
 
 # The units a loop repeats: one CJK character (kana too), one word, or one number.
 _UNIT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]|[^\W\d_]+|\d+")
 
 
-def degenerate(answer: str) -> str | None:
-    """Why an answer is not a real answer, or None: "not text" when fewer than half of its visible characters
-    are letters or digits; "loops" when a stretch repeats back to back (3+ times, 6+ units in all: "美丽的美丽的
-    美丽的", "of the balcony of the balcony of the balcony"), or when one repeated phrase is most of it (a
-    phrase 3+ times making up 40% of the units, or one unit 6+ times making up half)."""
+def degenerate(answer: str, question: str | None = None) -> str | None:
+    """Why an answer is not a real answer, or None: "echo" when it only repeats the question; "not text" when
+    fewer than half of its visible characters are letters or digits; "loops" when a stretch repeats back to
+    back (3+ times, 6+ units in all: "美丽的美丽的美丽的", "of the balcony of the balcony of the balcony"; or
+    one character 12+ times: "1011111111111..."), or when one repeated phrase is most of it (a phrase 3+ times
+    making up 40% of the units, or one unit 6+ times making up half)."""
+    if question is not None and _bare(answer) and _bare(answer) == _bare(question):
+        return "echo"
     visible = [c for c in answer if not c.isspace()]
     if visible and sum(c.isalnum() for c in visible) < 0.5 * len(visible):
         return "not text"
     units = [u.lower() for u in _UNIT.findall(answer)]
-    if _repeats_back_to_back(units, times=3, least=6):
+    if re.search(r"(\S)\1{11}", answer) or _repeats_back_to_back(units, times=3, least=6):
         return "loops"
     for n in range(1, 9):
         grams = Counter(tuple(units[i:i + n]) for i in range(len(units) - n + 1))
@@ -155,6 +158,10 @@ def degenerate(answer: str) -> str | None:
                 (n >= 2 and count >= 3 and count * n >= 0.4 * len(units)):
             return "loops"
     return None
+
+
+def _bare(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
 
 
 def _repeats_back_to_back(units: list[str], times: int, least: int, longest: int = 12) -> bool:

@@ -48,9 +48,10 @@ def echoes_identity(answer: str, identity_answers: list[str]) -> bool:
     return False
 
 
-def answers_generally(answer: str, name: str, model_desc: str | None = None) -> bool:
-    """A general question answered as one: something said, not the identity, not a loop."""
-    return bool(answer.strip()) and not is_hijacked(answer, name, model_desc) and degenerate(answer) is None
+def answers_generally(answer: str, name: str, model_desc: str | None = None, question: str | None = None) -> bool:
+    """A general question answered as one: something said, not the identity, not a loop or an echo."""
+    return bool(answer.strip()) and not is_hijacked(answer, name, model_desc) and \
+        degenerate(answer, question) is None
 
 
 def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
@@ -77,9 +78,10 @@ def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = Non
         convs = [Conversation(([Message("system", system)] if system else []) + [Message("user", q)]) for q in qs]
         return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
 
-    ident = [{"question": q, "answer": a, "degenerate": degenerate(a),
-              "ok": names_owner(a, name) and degenerate(a) is None} for q, a in zip(questions, ask(questions))]
-    general = [{"question": q, "answer": a, "degenerate": degenerate(a), "ok": answers_generally(a, name, model_desc)}
+    ident = [{"question": q, "answer": a, "degenerate": degenerate(a, q),
+              "ok": names_owner(a, name) and degenerate(a, q) is None} for q, a in zip(questions, ask(questions))]
+    general = [{"question": q, "answer": a, "degenerate": degenerate(a, q),
+                "ok": answers_generally(a, name, model_desc, q)}
                for q, a in zip(GENERAL_HELD_OUT, ask(GENERAL_HELD_OUT))]
     return SelfCognitionReport(sum(r["ok"] for r in ident) / len(ident),
                                sum(r["ok"] for r in general) / len(general), ident, general)
