@@ -44,6 +44,9 @@ def _quiet_libraries(debug: bool) -> None:
 
         datasets.disable_progress_bars()
         datasets.utils.logging.set_verbosity_error()
+        import huggingface_hub  # after datasets, which sets the hub's verbosity back to warnings on import
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # its "Retrying in 1s" lines without a hub
     except ImportError:
         pass
 
