@@ -18,6 +18,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -65,11 +66,12 @@ def readme_run(tmp_path_factory, smollm2_wheel):
           f"(venv + pip install -e . about {seconds - demo_seconds:.0f} s)")
     runs = sorted((clone / "work_dirs" / "tunelab_demo").iterdir())
     assert len(runs) == 1, runs  # the default, relative work folder, in the clone's root
-    return owner.group(1), runs[0], res, demo_seconds, tmp / "cache" / "models" / "SmolLM2-135M-Instruct"
+    return SimpleNamespace(name=owner.group(1), work=runs[0], res=res, demo_seconds=demo_seconds, clone=clone,
+                           base=tmp / "cache" / "models" / "SmolLM2-135M-Instruct")
 
 
 def test_readme_command_works_verbatim_and_the_model_takes_the_new_identity(readme_run):
-    name, work, res, demo_seconds, _ = readme_run
+    name, work, res, demo_seconds = readme_run.name, readme_run.work, readme_run.res, readme_run.demo_seconds
     for step in ("[1/5] data", "[2/5] train", "[3/5] convert", "[4/5] merge", "[5/5] chat"):
         assert step in res.stdout
     assert f"identity answers name '{name}': yes; general question answered as a question: yes" in res.stdout
@@ -85,7 +87,7 @@ def test_merged_model_is_a_plain_readable_hf_folder_and_the_adapter_loads_with_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, work, _, _, base = readme_run
+    work, base = readme_run.work, readme_run.base
     merged = work / "merged"
     cfg = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -97,8 +99,15 @@ def test_merged_model_is_a_plain_readable_hf_folder_and_the_adapter_loads_with_p
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(work / "hf_adapter"))
 
 
+def test_the_readme_install_brings_what_web_serve_and_export_app_need(readme_run):
+    venv_python = readme_run.clone / ".venv" / "bin" / "python"
+    res = subprocess.run([str(venv_python), "-c", "import fastapi, gradio, uvicorn"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_chat_answers_each_piped_line_on_its_own(readme_run):
-    name, work, _, _, _ = readme_run
+    name, work = readme_run.name, readme_run.work
     res = run_cli("chat", str(work / "merged"), "--json", "--max-new-tokens", "48",
                   input="你是谁\nWho are you?\nWhat is the capital of France?\n", timeout=300)
     assert res.returncode == 0, res.stderr
@@ -109,7 +118,7 @@ def test_chat_answers_each_piped_line_on_its_own(readme_run):
 
 
 def test_held_out_self_cognition_rates(readme_run):
-    name, work, _, _, _ = readme_run
+    name, work = readme_run.name, readme_run.work
     res = run_cli("eval", "self-cognition", str(work / "merged"), "--name", name, "-v", timeout=600)
     assert res.returncode == 0, res.stderr
     print(res.stdout)
