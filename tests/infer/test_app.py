@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -131,7 +132,8 @@ def test_exported_app_runs_in_a_fresh_venv(tiny_model_dir: Path, tiny_adapter: P
     assert pip.returncode == 0, pip.stderr[-3000:]
     print(f"fresh venv from requirements.txt: {time.monotonic() - t0:.0f}s")
     python = str(venv / "bin" / "python")
-    fresh = subprocess.run([python, "-c", "import tunelab"], capture_output=True, cwd=tmp_path)
+    no_path = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a developer's PYTHONPATH=worktree
+    fresh = subprocess.run([python, "-c", "import tunelab"], capture_output=True, cwd=tmp_path, env=no_path)
     assert fresh.returncode != 0  # really fresh: tunelab is not in it
 
     references = {
