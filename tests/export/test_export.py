@@ -142,7 +142,7 @@ def test_a_bf16_base_is_merged_in_fp32_and_saved_in_bf16_within_its_tolerance(tr
         checkpoint_to_hf(cfg, res.checkpoint, adapter)
     merged = merge_adapter(str(base), adapter, tmp_path / "merged")
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {"BF16"}
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
     ids = torch.tensor([[5, 17, 42, 99, 7, 8, 9, 10]])
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_output_folders_follow_the_process_umask(trained, tmp_path, tiny_model_d
 
     from tunelab.infer.app import export_app
 
-    tmp, cfg, res = trained
+    _, cfg, res = trained
     old = os.umask(umask)
     try:
         outs = [checkpoint_to_hf(cfg, res.checkpoint, tmp_path / "adapter")]
