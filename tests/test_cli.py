@@ -59,3 +59,24 @@ def test_usage_errors_exit_2():
 def test_bad_generation_flags_are_usage_errors(args, message):
     res = run_cli(*args)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+HIDE = "import sys; sys.modules[{module!r}] = None; from tunelab.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("command,module", [("serve", "fastapi"), ("web", "gradio")])
+def test_a_missing_package_is_one_line_naming_the_pip_command(command, module, tmp_path):
+    """The package is hidden from the import system in a real subprocess (no tunelab code is mocked)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = next(d for d in deps if d.startswith(f"{module}=="))
+    res = subprocess.run([sys.executable, "-c", HIDE.format(module=module), command, str(tmp_path / "model")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: the Python package '{module}' is not installed; install it with: " \
+                                 f"pip install '{pin}'"

@@ -1,5 +1,5 @@
 """Where tunelab keeps converted models and tokenised datasets: $TUNELAB_CACHE, else
-$XDG_CACHE_HOME/tunelab, else ~/.cache/tunelab."""
+$XDG_CACHE_HOME/tunelab, else ~/.cache/tunelab. Also the file helpers shared by everything that writes folders."""
 
 from __future__ import annotations
 
@@ -21,3 +21,18 @@ def file_digest(path: Path, h: "hashlib._Hash | None" = None) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def umask_permissions(folder: Path) -> None:
+    """Give a finished output folder the permissions the process umask asks for, like any other tool's output:
+    temporary folders (mkdtemp) are 0700 and some writers (safetensors shards) leave files 0600, which a server
+    or container running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:
+            path.chmod((0o666 | (path.stat().st_mode & 0o111)) & ~mask)  # keeps an executable executable

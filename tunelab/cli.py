@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from tunelab import __version__, ui
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, missing_module_message
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -26,6 +26,9 @@ def _quiet_libraries(debug: bool) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers' own bars (GGUF de-quantising, "Loading weights", "Writing model shards") ignore its
+    # disable_progress_bar(); tqdm reads this when it is first imported, which is after this point.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import logging
     import warnings
 
@@ -42,27 +45,18 @@ def _quiet_libraries(debug: bool) -> None:
 
         datasets.disable_progress_bars()
         datasets.utils.logging.set_verbosity_error()
+        import huggingface_hub  # after datasets, which sets the hub's verbosity back to warnings on import
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # its "Retrying in 1s" lines without a hub
     except ImportError:
         pass
 
 
-def _load_config(name_or_path: str, overrides: list[str]):
-    """A config file, or the name of a built-in config."""
-    from tunelab.config.catalog import CATALOG, build_config
-    from tunelab.config.load import apply_override, load_config, resolve_paths, validate
+def _load_config(source: str, overrides: list[str]):
+    """A config file or the name of a built-in config, and the run's name."""
+    from tunelab.config.load import config_name, load_config
 
-    if Path(name_or_path).is_file():
-        return load_config(name_or_path, overrides), Path(name_or_path).stem
-    if name_or_path in CATALOG:
-        raw = build_config(name_or_path)
-        for item in overrides:
-            apply_override(raw, item)
-        return resolve_paths(validate(raw, source=name_or_path), Path.cwd()), name_or_path
-    import difflib
-
-    close = difflib.get_close_matches(name_or_path, list(CATALOG), n=1)
-    hint = f"; did you mean the built-in config '{close[0]}'?" if close else " (tunelab list-cfg lists built-in ones)"
-    raise ConfigError(f"config file not found: {name_or_path}{hint}")
+    return load_config(source, overrides), config_name(source)
 
 
 def _generation_options(args: argparse.Namespace):
@@ -214,38 +208,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat = load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
     return run_chat(chat, _generation_options(args), system=args.system, stream=not args.no_streamer,
-                    as_json=args.json, keep_history=not args.no_history)
+                    as_json=args.json, keep_history=True if args.history else False if args.no_history else None)
 
 
 def cmd_data_self_cognition(args: argparse.Namespace) -> int:
     from tunelab.data.convert import write_records
-    from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_records, mix
+    from tunelab.data.selfcog import self_cognition_records
 
-    if not args.name.strip():
-        raise TunelabError("--name: the owner's name must not be empty")
-    if not 0 <= args.general_ratio < 1:
-        raise TunelabError(f"--general-ratio must be at least 0 and below 1, got {args.general_ratio}")
-    if args.n is not None and args.n < 1:
-        raise TunelabError(f"--n must be at least 1, got {args.n}")
-    records = identity_records(args.name, args.model_desc, n=args.n, seed=args.seed, system=args.system)
-    general: list[dict] = []
-    if args.general:
-        from tunelab.data.convert import read_as_samples
-        from tunelab.data.formats import Document, to_openai_record
-        from tunelab.errors import DataError
-
-        # Any readable format, converted like `data convert` does, so the output is in one format.
-        for where, sample in read_as_samples(args.general, hint="use openai, alpaca, sharegpt, conversation or "
-                                                                "oasst1 records"):
-            if isinstance(sample, Document):
-                raise DataError(f"{where}: --general needs question-answer records, not plain text")
-            general.append(to_openai_record(sample))
+    replay = None
     if args.replay_model:
-        from tunelab.demo import replay_answers
+        from functools import partial
 
-        general += general_records(GENERAL_TRAIN, replay_answers(args.replay_model, GENERAL_TRAIN))
-    if general:
-        records = mix(records, general, args.general_ratio, seed=args.seed)
+        from tunelab.infer.selfcog_eval import replay_answers
+
+        replay = partial(replay_answers, args.replay_model)
+    records = self_cognition_records(args.name, model_desc=args.model_desc, n=args.n, seed=args.seed,
+                                     system=args.system, general_file=args.general,
+                                     replay=replay, general_ratio=args.general_ratio)
     write_records(records, Path(args.out), args.format, overwrite=args.overwrite)
     print(f"wrote {len(records)} records to {args.out}")
     return 0
@@ -282,9 +261,12 @@ def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
     rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc)
     if args.verbose:
         for r in rep.identity + rep.general:
-            print(f"[{'ok' if r['ok'] else 'FAIL'}] {r['question']} -> {r['answer']}")
+            print(f"[{'ok' if r['ok'] else 'FAIL'}{': ' + r['degenerate'] if r['degenerate'] else ''}] "
+                  f"{r['question']} -> {r['answer']}")
     print(json.dumps({"identity_rate": rep.identity_rate, "general_rate": rep.general_rate,
-                      "identity_questions": len(rep.identity), "general_questions": len(rep.general)}))
+                      "identity_questions": len(rep.identity), "general_questions": len(rep.general),
+                      "identity_degenerate": rep.degenerate("identity"),
+                      "general_degenerate": rep.degenerate("general")}))
     return 0
 
 
@@ -315,6 +297,8 @@ def _load_for_serving(args: argparse.Namespace):
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    import gradio  # noqa: F401  (a missing package is reported before the slow model load)
+
     from tunelab.infer.api import ensure_port_free
     from tunelab.infer.web import serve_web
 
@@ -407,12 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert_merge)
 
-    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    s = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Chat with a model. At a terminal the questions are one conversation. When "
+                                   "stdin is not a terminal (questions piped in, one per line), each line is "
+                                   "answered on its own; --history makes them one conversation.")
     s.add_argument("model", help="model folder, hub id or smollm2-135m-instruct")
     _add_generation_args(s)
     s.add_argument("--no-streamer", action="store_true", help="print whole answers instead of streaming")
     s.add_argument("--json", action="store_true", help="print each answer as a JSON line")
-    s.add_argument("--no-history", action="store_true", help="answer every question on its own")
+    history = s.add_mutually_exclusive_group()
+    history.add_argument("--history", action="store_true",
+                         help="keep the conversation when questions are piped in (default: each line on its own)")
+    history.add_argument("--no-history", action="store_true",
+                         help="answer every question on its own, at a terminal too")
     s.set_defaults(func=cmd_chat)
 
     data = sub.add_parser("data", help="make, convert and prepare datasets")
@@ -515,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         ui.error(str(e))
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if args.debug or not e.name:
+            traceback.print_exc()
+        ui.error(missing_module_message(e) if e.name else str(e))
+        return 1
     except KeyboardInterrupt:
         ui.error("interrupted")
         return 130

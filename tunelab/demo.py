@@ -7,20 +7,22 @@
 
 from __future__ import annotations
 
-import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tunelab import ui
-from tunelab.config.catalog import build_config
-from tunelab.config.load import apply_override, resolve_paths, validate
+from tunelab.config.load import load_config
+from tunelab.data.convert import write_records
 from tunelab.data.formats import Conversation, Message
-from tunelab.data.selfcog import GENERAL_TRAIN, general_records, identity_records, mix
+from tunelab.data.selfcog import self_cognition_records
 from tunelab.export.merge import merge_adapter
 from tunelab.export.to_hf import checkpoint_to_hf
 from tunelab.infer.generate import GenerationOptions, generate_batch, load_chat_model
-from tunelab.infer.selfcog_eval import is_hijacked, names_owner
+from tunelab.infer.selfcog_eval import answers_generally, names_owner, replay_answers
 from tunelab.model.zoo import DEFAULT_MODEL
 from tunelab.train.loop import train
 
@@ -45,21 +47,6 @@ class DemoResult:
     seconds: float
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -> list[str]:
-    """The model's own greedy answers: training on them keeps its general behaviour."""
-    chat = load_chat_model(model)
-    convs = [Conversation([Message("user", q)]) for q in questions]
-    # One batch: on a CPU, fewer sequential decoding steps beat the extra padding (34 s vs 61 s for 86 questions).
-    return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=128)
-
-
 def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides: list[str] | None = None
              ) -> DemoResult:
     t0 = time.perf_counter()
@@ -67,17 +54,15 @@ def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides:
     work_dir.mkdir(parents=True, exist_ok=True)
 
     ui.info(f"[1/5] data: self-cognition for '{name}' + the base model's own answers to general questions")
-    answers = replay_answers(DEFAULT_MODEL, GENERAL_TRAIN)
-    records = mix(identity_records(name, seed=0), general_records(GENERAL_TRAIN, answers), GENERAL_RATIO, seed=0)
+    records = self_cognition_records(name, seed=0, replay=partial(replay_answers, DEFAULT_MODEL),
+                                     general_ratio=GENERAL_RATIO)
     data_file = work_dir / "data" / "self_cognition.jsonl"
-    write_jsonl(data_file, records)
+    write_records(records, data_file, overwrite=True)
     ui.info(f"      {len(records)} records -> {data_file}")
 
     ui.info(f"[2/5] train: LoRA on {DEFAULT_MODEL} ({DEMO_CONFIG})")
-    raw = build_config(DEMO_CONFIG)
-    for item in [f"data.path={data_file}", *DEMO_OVERRIDES, *(extra_overrides or [])]:
-        apply_override(raw, item)
-    cfg = resolve_paths(validate(raw, source=DEMO_CONFIG), work_dir)
+    # Like `tunelab train DEMO_CONFIG data.path=...`: a path given here is relative to the current directory.
+    cfg = load_config(DEMO_CONFIG, [f"data.path={data_file}", *DEMO_OVERRIDES, *(extra_overrides or [])])
     result = train(cfg, DEMO_CONFIG, work_dir=work_dir / "run")
 
     ui.info("[3/5] convert: checkpoint -> PEFT adapter")
@@ -93,9 +78,12 @@ def run_demo(name: str = "Alice", work_dir: Path | None = None, extra_overrides:
     for q, a in pairs:
         ui.info(f">>> {q}\n{a}\n")
     identity_ok = all(names_owner(a, name) for a in replies[:2])
-    general_ok = not is_hijacked(replies[2], name) and bool(replies[2].strip())
+    general_ok = answers_generally(replies[2], name, question=QUESTIONS[2])
     seconds = time.perf_counter() - t0
     ui.info(f"identity answers name '{name}': {'yes' if identity_ok else 'NO'}; general question answered as a "
             f"question: {'yes' if general_ok else 'NO'}; {seconds:.0f} s in all")
-    ui.info(f"try it yourself: tunelab chat {merged}")
+    # The command as the user ran it (`.venv/bin/tunelab` in the README: the venv is not activated).
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "tunelab" else "tunelab"
+    ui.info(f"try it yourself: {prog} chat {merged}\n"
+            f"held-out evaluation: {prog} eval self-cognition {merged} --name {shlex.quote(name)}")
     return DemoResult(work_dir, merged, pairs, identity_ok, general_ok, seconds)

@@ -1,5 +1,9 @@
 """Errors a user can fix. The CLI prints their message on one line, without a traceback, and exits 1."""
 
+from __future__ import annotations
+
+import re
+
 
 class TunelabError(Exception):
     """Base class: the message names the thing at fault (file, line, key) and, where possible, the fix."""
@@ -37,3 +41,19 @@ class Interrupted(TunelabError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def missing_module_message(e: ModuleNotFoundError) -> str:
+    """One line for a Python package that is not installed: the pip command that installs it, pinned to the
+    version tunelab requires when it is one of tunelab's dependencies."""
+    from importlib import metadata
+
+    module = (e.name or "").split(".")[0]
+    wanted = {"yaml": "pyyaml", "sklearn": "scikit-learn"}.get(module, module).replace("_", "-").lower()
+    try:
+        requirements = metadata.requires("tunelab") or []
+    except metadata.PackageNotFoundError:
+        requirements = []
+    spec = next((r.split(";")[0].strip() for r in requirements
+                 if re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].replace("_", "-").lower() == wanted), wanted)
+    return f"the Python package '{module}' is not installed; install it with: pip install '{spec}'"

@@ -150,3 +150,67 @@ def test_overrides_index_into_lists(tmp_path):
     raw = {"data": {"path": ["a", "b"]}}
     apply_override(raw, "data.path.1=c")
     assert raw == {"data": {"path": ["a", "c"]}}
+
+
+# ---- where relative paths point: the config file's folder for paths written in it, the current directory for
+# ---- paths given on the command line (overrides) and for a built-in config (it has no folder)
+
+
+@pytest.fixture()
+def two_folders(tmp_path):
+    """A config in conf/ naming data.jsonl and model/ (both there), and a different current directory run/
+    that has its own data.jsonl and model/."""
+    conf, run = tmp_path / "conf", tmp_path / "run"
+    for d in (conf, run):
+        (d / "model").mkdir(parents=True)
+        (d / "data.jsonl").write_text('{"messages": []}\n')
+    (conf / "cfg.yaml").write_text(BASE.format(model="model"))
+    return conf, run
+
+
+def test_paths_written_in_a_config_file_resolve_against_its_folder(two_folders):
+    conf, run = two_folders
+    cfg = load_config(conf / "cfg.yaml", cwd=run)
+    assert (cfg.data.path, cfg.model.path) == (str(conf / "data.jsonl"), str(conf / "model"))
+
+
+def test_a_data_path_override_resolves_against_the_current_directory(two_folders):
+    conf, run = two_folders
+    cfg = load_config(conf / "cfg.yaml", ["data.path=data.jsonl"], cwd=run)
+    assert cfg.data.path == str(run / "data.jsonl")
+    assert cfg.model.path == str(conf / "model")  # untouched by the override: still the config's folder
+    cfg = load_config(conf / "cfg.yaml", ["data.path=sub/new.jsonl"], cwd=run)  # not there yet: still the cwd
+    assert cfg.data.path == str(run / "sub" / "new.jsonl")
+
+
+def test_a_model_path_override_resolves_against_the_current_directory(two_folders):
+    conf, run = two_folders
+    cfg = load_config(conf / "cfg.yaml", ["model.path=model"], cwd=run)
+    assert cfg.model.path == str(run / "model")
+    assert load_config(conf / "cfg.yaml", ["model.path=smollm2-135m-instruct"], cwd=run).model.path == \
+        "smollm2-135m-instruct"  # the alias is not a path
+
+
+def test_dataset_entry_paths_follow_the_same_rule(two_folders):
+    conf, run = two_folders
+    text = BASE.format(model="model").replace("  path: data.jsonl\n", "  datasets:\n    - path: data.jsonl\n"
+                                                                      "    - path: data.jsonl\n")
+    (conf / "cfg.yaml").write_text(text)
+    cfg = load_config(conf / "cfg.yaml", ["data.datasets.1.path=data.jsonl"], cwd=run)
+    assert [d.path for d in cfg.data.datasets] == [str(conf / "data.jsonl"), str(run / "data.jsonl")]
+    cfg = load_config(conf / "cfg.yaml", ["data.datasets=[{path: data.jsonl}]"], cwd=run)
+    assert [d.path for d in cfg.data.datasets] == [str(run / "data.jsonl")]
+
+
+def test_a_built_in_config_and_its_overrides_resolve_against_the_current_directory(tmp_path):
+    """The demo's bug: its data file, given relative to the current directory, was resolved against the work
+    folder a second time (work/work/data/...)."""
+    work = "work_dirs/tunelab_demo/20250101_000000"
+    cfg = load_config("smollm2_135m_instruct_lora_self_cognition_e3", [f"data.path={work}/data/sc.jsonl"],
+                      cwd=tmp_path)
+    assert cfg.data.path == str(tmp_path / work / "data" / "sc.jsonl")
+    cfg = load_config("smollm2_135m_instruct_lora_self_cognition_e3", cwd=tmp_path)
+    assert cfg.data.path == str(tmp_path / "data" / "self_cognition.jsonl")  # the built-in's own relative path
+    with pytest.raises(ConfigError, match="did you mean the built-in config "
+                                          "'smollm2_135m_instruct_lora_self_cognition_e3'"):
+        load_config("smollm2_135m_instruct_lora_self_cognition_e4", cwd=tmp_path)

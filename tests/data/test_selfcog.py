@@ -95,3 +95,20 @@ def test_bad_arguments_and_general_records_are_one_line_errors(tmp_path, capsys)
         assert code == 1 and err.startswith(expected), (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_replayed_answers_that_loop_are_not_trained_on():
+    """The base model's own looping answers (real ones, from SmolLM2-135M) would teach it to loop."""
+    from tunelab.data.selfcog import self_cognition_records
+
+    answers = {"What is the capital of France?": "The capital of France is Paris.",
+               "你能解释一下什么是彩虹吗？": "彩虹！彩虹！彩虹！彩虹！彩虹！彩虹！彩虹！彩虹！彩虹！",
+               "什么是电？": "什么是电？－－－－－－－－－－－－－－－－－－－－－－－－－－－",
+               "Write a haiku about autumn.": ""}
+    assert general_records(list(answers), list(answers.values())) == [{"messages": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."}]}]
+    records = self_cognition_records("Ada", n=10, replay=lambda qs: [answers.get(q, "") for q in qs],
+                                     general_ratio=0.5)
+    general = [r for r in records if not names_owner(r["messages"][-1]["content"], "Ada")]
+    assert len(general) == 10 and {r["messages"][0]["content"] for r in general} == {"What is the capital of France?"}

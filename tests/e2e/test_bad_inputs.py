@@ -84,6 +84,18 @@ def existing_output(tmp: Path, model: Path) -> list[str]:
     return ["convert", "merge", str(model), str(tmp / "adapter"), str(out)]
 
 
+def pinned_format(tmp: Path, model: Path) -> list[str]:
+    """A built-in config (format: openai) given a file of XTuner conversation records, by a relative path."""
+    write_jsonl(tmp / "conv.jsonl", [{"conversation": [{"input": "Who are you?", "output": "Ada's assistant."}]}])
+    return ["train", "smollm2_135m_instruct_lora_self_cognition_e3", "data.path=conv.jsonl", f"model.path={model}"]
+
+
+def pinned_entry_format(tmp: Path, model: Path) -> list[str]:
+    write_jsonl(tmp / "alpaca.jsonl", [{"instruction": "Add 2 and 2.", "input": "", "output": "4"}])
+    return ["train", cfg(tmp, model, data={"path": None, "datasets": [{"path": str(tmp / "alpaca.jsonl"),
+                                                                       "format": "openai"}]})]
+
+
 CASES = [
     Case("config-typo", "config", "misspelt key", lambda t, m: ["train", yaml_text(t, m, lambda s: s.replace(
         "max_length", "max_lenght"))], r"unknown key 'data\.max_lenght'; did you mean 'data\.max_length'"),
@@ -112,6 +124,12 @@ CASES = [
     Case("data-schema", "data", "record without messages",
          lambda t, m: ["train", cfg(t, m, raw_lines=[*chat_records(1), {"msgs": []}]), "data.format=openai"],
          r"data\.jsonl:2: missing 'messages'"),
+    Case("data-format-pinned", "data", "a built-in config's pinned format, a file of another format",
+         pinned_format, r"conv\.jsonl:1: missing 'messages'.*; the record looks like XTuner 'conversation' data, "
+                        r"not openai: set data\.format: conversation \(or auto\)$"),
+    Case("data-format-entry", "data", "a dataset entry's pinned format, a file of another format",
+         pinned_entry_format, r"alpaca\.jsonl:1: .*the record looks like alpaca 'instruction'/'output' data, "
+                              r"not openai: set data\.datasets\.0\.format: alpaca \(or auto\)$"),
     Case("data-role", "data", "unknown role",
          lambda t, m: ["train", cfg(t, m, raw_lines=[{"messages": [{"role": "wizard", "content": "x"}]}])],
          r"data\.jsonl:1: message 0: unknown role 'wizard'"),
@@ -130,6 +148,8 @@ CASES = [
          r"ships its own model code; pass --trust-remote-code"),
     Case("adapter-other-base", "model", "adapter of another base model (shape mismatch)", foreign_adapter,
          r"adapter .* does not fit base model .*size mismatch"),
+    Case("adapter-missing", "model", "an adapter folder that does not exist",
+         lambda t, m: ["chat", str(m), "--adapter", str(t / "no_adapter")], r"adapter folder not found: .*no_adapter$"),
     Case("output-exists", "output", "merge into an existing non-empty folder", existing_output,
          r"output folder .*out already exists and is not empty"),
     Case("resume-nothing", "checkpoint", "--resume with no checkpoint",

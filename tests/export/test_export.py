@@ -182,3 +182,56 @@ def test_a_full_model_export_carries_template_and_stop_ids(tmp_path, tiny_model_
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True) \
         == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_a_bf16_base_is_merged_in_fp32_and_saved_in_bf16_within_its_tolerance(trained, tmp_path, tiny_model_dir):
+    """The merged bf16 model gives base + adapter's logits (computed in fp32) within bf16's tolerance: one
+    rounding of W + delta, not a bf16 delta added in bf16."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    tmp, cfg, res = trained
+    base = tmp_path / "bf16_base"
+    shutil.copytree(tiny_model_dir, base)
+    AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).save_pretrained(str(base))
+    adapter = tmp / "adapter_for_bf16"
+    if not adapter.exists():
+        checkpoint_to_hf(cfg, res.checkpoint, adapter)
+    merged = merge_adapter(str(base), adapter, tmp_path / "merged")
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {"BF16"}
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 8, 9, 10]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)(ids).logits
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                        str(adapter))(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)(ids).logits
+    bf16_rtol = 1.6e-2  # torch.testing's tolerance for bfloat16
+    torch.testing.assert_close(got, ref, rtol=bf16_rtol, atol=bf16_rtol * float(ref.abs().max()))
+    assert (ref - plain).abs().max() > 10 * (got - ref).abs().max()  # the adapter's effect survives the rounding
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_output_folders_follow_the_process_umask(trained, tmp_path, tiny_model_dir, umask, file_mode, dir_mode):
+    """Not mkdtemp's 0700 nor a writer's 0600: a server or container running as another user reads them."""
+    import os
+    import stat
+
+    from tunelab.infer.app import export_app
+
+    _, cfg, res = trained
+    old = os.umask(umask)
+    try:
+        outs = [checkpoint_to_hf(cfg, res.checkpoint, tmp_path / "adapter")]
+        outs.append(merge_adapter(str(tiny_model_dir), outs[0], tmp_path / "merged"))
+        outs.append(export_app(str(outs[1]), tmp_path / "space"))
+    finally:
+        os.umask(old)
+    for out in outs:
+        for p in [out, *out.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            assert mode == (dir_mode if p.is_dir() else file_mode), (p, oct(mode))

@@ -90,12 +90,21 @@ def test_pipe_mode_json_is_deterministic_and_survives_a_too_long_prompt(tiny_mod
     assert runs[0].stdout == runs[1].stdout  # greedy: the same answers every run
 
 
-def test_pipe_mode_plain_answers_real_model(default_model_dir: Path) -> None:
-    r = run_cli("chat", str(default_model_dir), "--max-new-tokens", "24", "--no-history", "--device", "cpu",
-                input=f"{FRANCE}\n{FRANCE}\n", timeout=300)
+def test_pipe_mode_answers_each_line_on_its_own_unless_history(default_model_dir: Path, real_chat) -> None:
+    """Piped questions are independent by default (a script's questions are); --history makes them one
+    conversation, so the follow-up is answered in its context."""
+    args = ("chat", str(default_model_dir), "--max-new-tokens", "24", "--device", "cpu")
+    r = run_cli(*args, input=f"{FRANCE}\n{GERMANY}\n{FRANCE}\n", timeout=300)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 2 and lines[0] == lines[1] and "Paris" in lines[0], r.stdout
+    alone = [reference(real_chat, [], q, None, 24) for q in (FRANCE, GERMANY)]
+    assert lines == [alone[0], alone[1], alone[0]] and "Paris" in lines[0], r.stdout
+    r = run_cli(*args, "--history", input=f"{FRANCE}\n{GERMANY}\n", timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    in_context = reference(real_chat, [(FRANCE, alone[0])], GERMANY, None, 24)
+    assert lines == [alone[0], in_context] and in_context != alone[1], r.stdout
+    assert "each line is answered on its own; --history" in " ".join(run_cli("chat", "--help").stdout.split())
 
 
 def test_missing_model_is_one_line_error(tmp_path: Path) -> None:

@@ -97,3 +97,24 @@ def test_quantized_loading_on_cpu_keeps_the_model_answering(default_model_dir: P
     answer = generate(chat, conversation([], "What is the capital of France?", None),
                       GenerationOptions(max_new_tokens=12))[0]
     assert "Paris" in answer
+
+
+def test_quantized_weights_on_a_cpu_warn_once_and_point_to_lora(tiny_model_dir: Path) -> None:
+    from tunelab import ui
+
+    seen: list[str] = []
+
+    def sink(key: str, msg: str) -> None:
+        seen.append(msg)
+
+    ui.warning_counts.pop("quantized_on_cpu", None)
+    ui.add_warning_sink(sink)
+    try:
+        for _ in range(2):
+            load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"), quantization="nf4")
+        load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    finally:
+        ui.remove_warning_sink(sink)
+    assert len(seen) == 1 and ui.warning_counts["quantized_on_cpu"] == 2
+    assert seen[0].startswith("nf4 weights on a CPU are de-quantised again for every matrix multiplication")
+    assert "use the LoRA config instead (the same name with _lora_ for _qlora_, or model.quantization=none)" in seen[0]

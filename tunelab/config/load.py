@@ -1,7 +1,10 @@
-"""Read a YAML config, apply KEY=VALUE overrides, validate it, and explain what is wrong in one line.
+"""The one place a Config is built: a YAML file or a built-in config name, KEY=VALUE overrides, local paths
+made absolute, validation that explains what is wrong in one line.
 
-YAML is parsed with `yaml.safe_load` (nothing in a config is executed). Relative paths are resolved against
-the config file's folder; nothing is expanded from environment variables.
+YAML is parsed with `yaml.safe_load` (nothing in a config is executed). A relative path written in a config
+file is resolved against the file's folder; one given on the command line (an override, or any path in a
+built-in config, which has no folder) against the current directory. Nothing is expanded from environment
+variables.
 """
 
 from __future__ import annotations
@@ -21,12 +24,36 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".arrow")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load, override, validate and resolve a config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = _read_text(path)
+def load_config(source: str | Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Config:
+    """A config file or built-in config name -> a validated Config with overrides applied and paths resolved."""
+    from tunelab.config.catalog import CATALOG, build_config
+
+    cwd = Path(cwd or Path.cwd())
+    path = Path(source)
+    text = None
+    if path.is_file():
+        text = _read_text(path)
+        raw, base = _parse_yaml(text, path), path.parent
+    elif str(source) in CATALOG:
+        raw, base = build_config(str(source)), cwd
+    else:
+        close = difflib.get_close_matches(str(source), list(CATALOG), n=1)
+        hint = (f"; did you mean the built-in config '{close[0]}'?" if close
+                else " (tunelab list-cfg lists built-in ones)")
+        raise ConfigError(f"config file not found: {source}{hint}")
+    _resolve_raw_paths(raw, base)
+    for item in overrides or []:
+        keys = apply_override(raw, item)
+        _resolve_raw_paths(raw, cwd, touched=keys)
+    return validate(raw, source=str(source), yaml_text=text)
+
+
+def config_name(source: str | Path) -> str:
+    """What a run is called: the file's stem, or the built-in config's name."""
+    return Path(source).stem if Path(source).is_file() else str(source)
+
+
+def _parse_yaml(text: str, path: Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -37,10 +64,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, runtime)")
-    for item in overrides or []:
-        apply_override(raw, item)
-    cfg = validate(raw, source=str(path), yaml_text=text)
-    return resolve_paths(cfg, path.parent)
+    return raw
 
 
 def validate(raw: dict, source: str = "config", yaml_text: str | None = None) -> Config:
@@ -64,9 +88,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, parsed
 
 
-def apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> list[str]:
     """Set a dotted key (data.max_length=512) in the raw config, creating sections as needed. A number indexes
-    into a list (data.datasets.0.weight=3)."""
+    into a list (data.datasets.0.weight=3). Returns the key's parts."""
     keys, value = parse_override(item)
     node: Any = raw
     for depth, k in enumerate(keys[:-1]):
@@ -77,6 +101,7 @@ def apply_override(raw: dict, item: str) -> None:
             node[key] = nxt
         node = nxt
     node[_list_index(node, keys, len(keys) - 1, item) if isinstance(node, list) else keys[-1]] = value
+    return keys
 
 
 def _list_index(items: list, keys: list[str], depth: int, item: str) -> int:
@@ -160,23 +185,42 @@ def find_line(yaml_text: str, loc: list) -> int | None:
     return line
 
 
-def resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make local paths absolute against the config's folder; leave hub ids and the default alias alone."""
+def _path_slots(raw: dict) -> list[tuple[tuple[str, ...], dict]]:
+    """Where a raw config holds local paths: model.path, data.path, data.datasets.N.path (key parts, holder)."""
+    slots = []
+    for section in ("model", "data"):
+        node = raw.get(section)
+        if isinstance(node, dict) and "path" in node:
+            slots.append(((section, "path"), node))
+    datasets = raw.get("data", {}).get("datasets") if isinstance(raw.get("data"), dict) else None
+    for i, d in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(d, dict) and "path" in d:
+            slots.append((("data", "datasets", str(i), "path"), d))
+    return slots
+
+
+def _resolve_raw_paths(raw: dict, base: Path, touched: list[str] | None = None) -> None:
+    """Make the local paths of a raw config absolute against `base`; with `touched` (an override's key parts),
+    only the paths that override set. Hub ids, the default-model alias and wrong types are left alone."""
     base = base.resolve()
-    mp = cfg.model.path
-    cand = Path(mp) if Path(mp).is_absolute() else base / mp
-    if cand.exists():
-        cfg.model.path = str(cand.resolve())
-    if cfg.data.path is not None:
-        cfg.data.path = _resolve_data_path(cfg.data.path, base)
-    for d in cfg.data.datasets:
-        d.path = _resolve_data_path(d.path, base)
-    return cfg
+    for keys, holder in _path_slots(raw):
+        if touched is not None:
+            n = min(len(keys), len(touched))
+            if tuple(touched[:n]) != keys[:n]:
+                continue
+        value = holder["path"]
+        if keys[0] == "model":
+            if isinstance(value, str) and value and (base / value).exists():
+                holder["path"] = str((base / value).resolve())
+        elif isinstance(value, (str, list)):
+            holder["path"] = _resolve_data_path(value, base)
 
 
-def _resolve_data_path(p: str | list[str], base: Path) -> str | list[str]:
+def _resolve_data_path(p: Any, base: Path) -> Any:
     if isinstance(p, list):
-        return [_resolve_data_path(x, base) for x in p]  # type: ignore[misc]
+        return [_resolve_data_path(x, base) for x in p]
+    if not isinstance(p, str) or not p:
+        return p
     path = Path(p)
     if path.is_absolute():
         return p

@@ -118,6 +118,12 @@ class DataSettings(Section):
             raise ValueError("set data.path or data.datasets, not both")
         return self
 
+    def format_key(self, index: int) -> str:
+        """The key that sets the format of dataset `index`: its own entry's, or the section's it inherits."""
+        if self.datasets and self.datasets[index].format is not None:
+            return f"data.datasets.{index}.format"
+        return "data.format"
+
     def specs(self) -> list[DatasetSpec]:
         """The run's datasets, with section-level options filled in."""
         if self.datasets:

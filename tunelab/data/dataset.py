@@ -28,7 +28,8 @@ from tunelab.cache import cache_root, file_digest
 from tunelab.config.load import HUB_ID
 from tunelab.config.schema import DataSettings, DatasetSpec
 from tunelab.data.encode import Encoded, encode_samples, render, shifted_labels, split_document
-from tunelab.data.formats import Conversation, Document, RecordError, Sample, source_format, to_sample
+from tunelab.data.formats import Conversation, Document, RecordError, Sample, format_mismatch, source_format, \
+    to_sample
 from tunelab.data.pack import Rows, pack_samples
 from tunelab.data.templates import get_template
 from tunelab.errors import DataError
@@ -324,14 +325,16 @@ def _read_hf(source: str, split: str, saved: bool) -> Iterator[tuple[str, Any]]:
 # ---------------------------------------------------------------------------------------------- converting
 
 
-def read_samples(spec: DatasetSpec, stats: DataStats, skip_bad: bool, collect_all: bool = False) -> tuple[list[Sample], list[str]]:
+def read_samples(spec: DatasetSpec, stats: DataStats, skip_bad: bool, collect_all: bool = False,
+                 format_key: str = "data.format") -> tuple[list[Sample], list[str]]:
     """Samples of one dataset with their locations. A bad record raises DataError naming file and line,
-    unless skip_bad (count and go on) or collect_all (record every one, for check-dataset)."""
+    unless skip_bad (count and go on) or collect_all (record every one, for check-dataset). `format_key` is
+    the config key that set spec.format (named when the data looks like another format)."""
     samples: list[Sample] = []
     where_list: list[str] = []
     for source in list_sources(spec.path):
         try:
-            if _read_source_samples(source, spec, stats, skip_bad or collect_all, samples, where_list):
+            if _read_source_samples(source, spec, stats, skip_bad or collect_all, samples, where_list, format_key):
                 break
         except DataError as e:
             # A file that cannot be read to the end (not UTF-8, broken JSON array) is one bad record, so the
@@ -343,7 +346,7 @@ def read_samples(spec: DatasetSpec, stats: DataStats, skip_bad: bool, collect_al
 
 
 def _read_source_samples(source: str, spec: DatasetSpec, stats: DataStats, skip_bad: bool, samples: list[Sample],
-                         where_list: list[str]) -> bool:
+                         where_list: list[str], format_key: str) -> bool:
     """Append one source's samples; True once spec.max_samples is reached."""
     fmt = spec.format if spec.format != "auto" else None
     for where, rec in read_source(source, spec.split, spec.text_documents == "paragraph"):
@@ -358,9 +361,11 @@ def _read_source_samples(source: str, spec: DatasetSpec, stats: DataStats, skip_
                 ui.info(f"data: {source}: detected format '{fmt}'")
             sample = to_sample(rec, fmt)
         except RecordError as e:
+            mismatch = format_mismatch(rec, fmt, format_key) if spec.format != "auto" else None
+            reason = f"{e}; {mismatch}" if mismatch else str(e)
             if not skip_bad:
-                raise DataError(f"{where}: {e} ({SKIP_HINT})") from None
-            _add_bad(stats, BadRecord(where, str(e)))
+                raise DataError(f"{where}: {reason}" + ("" if mismatch else f" ({SKIP_HINT})")) from None
+            _add_bad(stats, BadRecord(where, reason))
             continue
         stats.formats.setdefault(source, fmt)
         if sample is None:
@@ -402,7 +407,7 @@ def encode_dataset(data: DataSettings, tokenizer: Any, stats: DataStats, collect
     out = EncodedDataset([], [], [], [])
     specs = data.specs()
     for di, spec in enumerate(specs):
-        samples, wheres = read_samples(spec, stats, data.skip_bad_records, collect_all)
+        samples, wheres = read_samples(spec, stats, data.skip_bad_records, collect_all, data.format_key(di))
         renderer = None  # made on the first conversation: pre-training text needs no (chat) template
         with ui.progress(len(samples), f"tokenising {Path(str(spec.path)).name}") as advance:
             for start in range(0, len(samples), CHUNK):

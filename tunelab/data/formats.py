@@ -72,6 +72,20 @@ def detect_format(record: Any) -> str | None:
     return None
 
 
+FORMAT_NAMES = {"openai": "OpenAI 'messages'", "conversation": "XTuner 'conversation'",
+                "alpaca": "alpaca 'instruction'/'output'", "sharegpt": "sharegpt 'conversations'",
+                "oasst1": "oasst1 '### Human:' text", "pretrain": "plain 'text'"}
+
+
+def format_mismatch(record: Any, fmt: str, key: str) -> str | None:
+    """When a record that failed as `fmt` looks like another format: what it looks like and the config key to
+    change (a built-in config pins its format; the user's file may hold another)."""
+    found = detect_format(record)
+    if found is None or found == fmt:
+        return None
+    return f"the record looks like {FORMAT_NAMES[found]} data, not {fmt}: set {key}: {found} (or auto)"
+
+
 def to_sample(record: Any, fmt: str) -> Sample | None:
     """Convert one record; None means "nothing to learn here, drop it quietly" (e.g. alpaca's <nooutput>)."""
     sample = _to_sample(record, fmt)

@@ -3,13 +3,17 @@ with the owner's name and a model description, optionally mixed with general que
 model keeps answering ordinary questions as before.
 
 A held-out set of identity phrasings and of general questions is never used for training data; evaluation
-(`tunelab eval self-cognition`) asks those.
+(`tunelab eval self-cognition`) asks those. `degenerate` tells a looping or non-text answer from a real one:
+such answers are neither trained on nor counted as passes.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 IDENTITY_TRAIN = {
     "en": [
@@ -121,8 +125,55 @@ def identity_records(name: str, model_desc: str | None = None, n: int | None = N
 
 
 def general_records(questions: Sequence[str], answers: Sequence[str]) -> list[dict[str, Any]]:
+    """Question-answer records, leaving out empty answers and degenerate ones (a model's own loops are not
+    behaviour worth keeping: trained on, they teach it to loop)."""
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in zip(questions, answers) if a.strip()]
+            for q, a in zip(questions, answers) if a.strip() and degenerate(a, q) is None]
+
+
+# The units a loop repeats: one CJK character (kana too), one word, or one number.
+_UNIT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]|[^\W\d_]+|\d+")
+
+
+def degenerate(answer: str, question: str | None = None) -> str | None:
+    """Why an answer is not a real answer, or None: "echo" when it only repeats the question; "not text" when
+    fewer than half of its visible characters are letters or digits; "loops" when a stretch repeats back to
+    back (3+ times, 6+ units in all: "美丽的美丽的美丽的", "of the balcony of the balcony of the balcony"; or
+    one character 12+ times: "1011111111111..."), or when one repeated phrase is most of it (a phrase 3+ times
+    making up 40% of the units, or one unit 6+ times making up half)."""
+    if question is not None and _bare(answer) and _bare(answer) == _bare(question):
+        return "echo"
+    visible = [c for c in answer if not c.isspace()]
+    if visible and sum(c.isalnum() for c in visible) < 0.5 * len(visible):
+        return "not text"
+    units = [u.lower() for u in _UNIT.findall(answer)]
+    if re.search(r"(\S)\1{11}", answer) or _repeats_back_to_back(units, times=3, least=6):
+        return "loops"
+    for n in range(1, 9):
+        grams = Counter(tuple(units[i:i + n]) for i in range(len(units) - n + 1))
+        if not grams:
+            break
+        count = grams.most_common(1)[0][1]
+        if (n == 1 and count >= 6 and count >= 0.5 * len(units)) or \
+                (n >= 2 and count >= 3 and count * n >= 0.4 * len(units)):
+            return "loops"
+    return None
+
+
+def _bare(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+def _repeats_back_to_back(units: list[str], times: int, least: int, longest: int = 12) -> bool:
+    """Some n units repeated `times` times in a row, covering at least `least` units."""
+    for n in range(1, longest + 1):
+        for i in range(len(units) - n * times + 1):
+            k = 1
+            while units[i + k * n:i + (k + 1) * n] == units[i:i + n]:
+                k += 1
+            if k >= times and k * n >= least:
+                return True
+    return False
 
 
 def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) -> list[dict]:
@@ -137,3 +188,38 @@ def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) 
     out = identity + picked
     rng.shuffle(out)
     return out
+
+
+def read_general(path: str) -> list[dict[str, Any]]:
+    """Question-answer records of any readable format, as OpenAI records (so the output has one format)."""
+    from tunelab.data.convert import read_as_samples
+    from tunelab.data.formats import Document, to_openai_record
+    from tunelab.errors import DataError
+
+    out = []
+    for where, sample in read_as_samples(path, hint="use openai, alpaca, sharegpt, conversation or oasst1 records"):
+        if isinstance(sample, Document):
+            raise DataError(f"{where}: --general needs question-answer records, not plain text")
+        out.append(to_openai_record(sample))
+    return out
+
+
+def self_cognition_records(name: str, *, model_desc: str | None = None, n: int | None = None, seed: int = 0,
+                           system: str | None = None, general_file: str | None = None,
+                           replay: Callable[[list[str]], list[str]] | None = None,
+                           general_ratio: float = 0.3) -> list[dict[str, Any]]:
+    """Identity records for `name`, mixed with general records at `general_ratio`: those of `general_file`, plus
+    the answers `replay` (a model's own answers, from the caller) gives to the built-in general questions."""
+    from tunelab.errors import DataError
+
+    if not name.strip():
+        raise DataError("--name: the owner's name must not be empty")
+    if not 0 <= general_ratio < 1:
+        raise DataError(f"--general-ratio must be at least 0 and below 1, got {general_ratio}")
+    if n is not None and n < 1:
+        raise DataError(f"--n must be at least 1, got {n}")
+    records = identity_records(name, model_desc, n=n, seed=seed, system=system)
+    extra = read_general(general_file) if general_file else []
+    if replay is not None:
+        extra += general_records(GENERAL_TRAIN, replay(list(GENERAL_TRAIN)))
+    return mix(records, extra, general_ratio, seed=seed) if extra else records

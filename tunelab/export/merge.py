@@ -32,12 +32,13 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, max_shard_siz
         if cfg_file.exists():
             meta = json.loads(cfg_file.read_text())
             saved_dtype = meta.get("dtype") or meta.get("torch_dtype")
-        # Load and save in the base model's own dtype (peft computes each LoRA delta in fp32 before adding it).
+        # Merge in fp32 (peft computes a bf16 delta in bf16 on a GPU, a second rounding), then save in the base
+        # model's own dtype: one rounding of W + delta, the least a bf16 file can hold.
         dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) and hasattr(torch, saved_dtype) \
             else torch.float32
-        model = load_model(base_path, dtype=dtype, device=dev, trust_remote_code=trust_remote_code)
+        model = load_model(base_path, dtype=torch.float32, device=dev, trust_remote_code=trust_remote_code)
         ui.info(f"merging {adapter} into {base_path}")
-        model = attach_adapter(model, str(adapter), base_path).merge_and_unload()
+        model = attach_adapter(model, str(adapter), base_path).merge_and_unload().to(dtype)
         model.config.use_cache = True
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_bytes)
         tok_src = str(adapter) if (Path(adapter) / "tokenizer_config.json").exists() else base_path

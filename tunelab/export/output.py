@@ -1,5 +1,6 @@
 """Output folders are built beside their final place and renamed in at the end, so a failed export leaves
-nothing half-written, and an existing non-empty folder is never overwritten unless asked."""
+nothing half-written, and an existing non-empty folder is never overwritten unless asked. The finished folder
+gets the permissions the process umask gives (not mkdtemp's 0700)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tunelab.cache import umask_permissions
 from tunelab.errors import OutputExistsError
 
 
@@ -30,6 +32,7 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask_permissions(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)

@@ -192,7 +192,7 @@ def _version(dist: str) -> str:
         v = metadata.version(dist)
     except metadata.PackageNotFoundError:
         raise ModelError(f"export-app pins the installed {dist}, but it is not installed; "
-                         "install tunelab[serve]") from None
+                         f"install it with: pip install {dist}") from None
     return v.split("+")[0]  # "2.13.0+cpu" -> "2.13.0": a Space installs the hub's build of the same release
 
 

@@ -1,8 +1,9 @@
 """`tunelab chat`: talk to a model in the terminal, with streaming and multi-turn history.
 
-At a terminal: a prompt per question; RESET (or /reset) clears the history, EXIT (or /exit, Ctrl-D) quits,
-`/system TEXT` sets the system prompt. From a pipe: one question per line, each answer printed (as JSON lines
-with --json), so scripts can drive it.
+At a terminal: a prompt per question, each answered with the conversation so far; RESET (or /reset) clears the
+history, EXIT (or /exit, Ctrl-D) quits, `/system TEXT` sets the system prompt. From a pipe: one question per
+line, each answered on its own (a script's questions are independent; with keep_history they are one
+conversation), each answer printed (as JSON lines with --json).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ HELP = ("Type a question. RESET or /reset clears the history, /system TEXT sets 
 
 
 def run_chat(chat: ChatModel, opts: GenerationOptions, system: str | None = None, stream: bool = True,
-             as_json: bool = False, keep_history: bool = True, stdin: TextIO | None = None,
+             as_json: bool = False, keep_history: bool | None = None, stdin: TextIO | None = None,
              stdout: TextIO | None = None) -> int:
+    """keep_history None: a conversation at a terminal, independent questions from a pipe."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
+    if keep_history is None:
+        keep_history = stdin.isatty()
     history: list[tuple[str, str]] = []
     failures = 0
     if interactive:

@@ -75,6 +75,8 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
 
 def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
     a = Path(adapter)
+    if not a.exists():
+        raise ModelError(f"adapter folder not found: {a}")
     if not (a / "adapter_config.json").exists():
         raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
     check_adapter_fits(a, base, trust_remote_code)

@@ -3,7 +3,9 @@
 Asks the held-out identity phrasings (Chinese and English, never used in training data) and a fixed set of
 held-out general questions, greedily, and reports two rates: identity answers that name the owner, and general
 answers that are not hijacked by the identity: they neither mention the owner nor repeat a stretch of an
-identity answer (6 Chinese characters or 15 other characters in a row).
+identity answer (6 Chinese characters or 15 other characters in a row). An answer that loops or is mostly not
+text fails either way, and is counted separately (a looping answer can name the owner or avoid the identity by
+accident; a rate that counts it as a pass flatters the model).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from tunelab.data.formats import Conversation, Message
-from tunelab.data.selfcog import ANSWERS, DEFAULT_DESC, GENERAL_HELD_OUT, IDENTITY_HELD_OUT
+from tunelab.data.selfcog import ANSWERS, DEFAULT_DESC, GENERAL_HELD_OUT, IDENTITY_HELD_OUT, degenerate
 from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
 
 
@@ -23,6 +25,9 @@ class SelfCognitionReport:
     general_rate: float
     identity: list[dict] = field(default_factory=list)
     general: list[dict] = field(default_factory=list)
+
+    def degenerate(self, part: str) -> int:
+        return sum(bool(r["degenerate"]) for r in getattr(self, part))
 
 
 def names_owner(answer: str, name: str) -> bool:
@@ -43,10 +48,26 @@ def echoes_identity(answer: str, identity_answers: list[str]) -> bool:
     return False
 
 
+def answers_generally(answer: str, name: str, model_desc: str | None = None, question: str | None = None) -> bool:
+    """A general question answered as one: something said, not the identity, not a loop or an echo."""
+    return bool(answer.strip()) and not is_hijacked(answer, name, model_desc) and \
+        degenerate(answer, question) is None
+
+
 def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
     refs = [t.format(name=name, desc=(model_desc or DEFAULT_DESC[lang]).rstrip("。."))
             for lang, ts in ANSWERS.items() for t in ts]
     return names_owner(answer, name) or echoes_identity(answer, refs)
+
+
+def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -> list[str]:
+    """The model's own greedy answers: training on them keeps its general behaviour."""
+    from tunelab.infer.generate import load_chat_model
+
+    chat = load_chat_model(model)
+    convs = [Conversation([Message("user", q)]) for q in questions]
+    # One batch: on a CPU, fewer sequential decoding steps beat the extra padding (34 s vs 61 s for 86 questions).
+    return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=128)
 
 
 def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = None, model_desc: str | None = None,
@@ -57,8 +78,10 @@ def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = Non
         convs = [Conversation(([Message("system", system)] if system else []) + [Message("user", q)]) for q in qs]
         return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
 
-    ident = [{"question": q, "answer": a, "ok": names_owner(a, name)} for q, a in zip(questions, ask(questions))]
-    general = [{"question": q, "answer": a, "ok": bool(a.strip()) and not is_hijacked(a, name, model_desc)}
+    ident = [{"question": q, "answer": a, "degenerate": degenerate(a, q),
+              "ok": names_owner(a, name) and degenerate(a, q) is None} for q, a in zip(questions, ask(questions))]
+    general = [{"question": q, "answer": a, "degenerate": degenerate(a, q),
+                "ok": answers_generally(a, name, model_desc, q)}
                for q, a in zip(GENERAL_HELD_OUT, ask(GENERAL_HELD_OUT))]
     return SelfCognitionReport(sum(r["ok"] for r in ident) / len(ident),
                                sum(r["ok"] for r in general) / len(general), ident, general)
