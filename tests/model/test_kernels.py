@@ -15,8 +15,8 @@ from tunelab.errors import ModelError
 from tunelab.model.adapters import add_lora, count_parameters
 from tunelab.model.kernels import (
     FLEX_MAX_ROW,
-    _choose_checkpointing,
     choose_attention,
+    choose_checkpointing,
     compile_layers,
     decoder_layers,
     flop_counter,
@@ -77,7 +77,7 @@ def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path
     auto, free = ModelSettings(path="x"), 1e9
 
     def choice(settings: ModelSettings, tokens: int) -> str:
-        return _choose_checkpointing(settings, model, CPU, tokens, free=free)
+        return choose_checkpointing(settings, model, CPU, tokens, free=free)
 
     assert choice(auto, 10_000) == "off"
     assert choice(ModelSettings(path="x", quantization="nf4"), 10_000) == "full"
