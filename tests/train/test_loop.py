@@ -2,6 +2,7 @@
 fine-tuning on CPU, refusing to overwrite, and stopping on repeated non-finite losses."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -48,6 +49,9 @@ def test_run_folder_holds_logs_checkpoint_curve_and_eval(tmp_path, tiny_model_di
     evals = [json.loads(x) for x in (log / "eval_outputs.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [4, 8, 12]
     assert "step 12/12 | loss" in (log / "train.log").read_text()
+    # the start-up figure issue 11 sets a goal for (under 15 s on the GPU)
+    assert re.search(r"first step done [\d.]+ s after the process started \(start-up [\d.]+ s, the step [\d.]+ s\)",
+                     (log / "train.log").read_text())
 
 
 def test_lr_schedule_in_the_log_never_stalls_at_zero(tmp_path, tiny_model_dir):

@@ -199,9 +199,14 @@ def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor",
 
 
 def use_compile_cache() -> None:
-    """Keep Inductor's (and so Triton's) cache under ~/.cache/tunelab, so later runs skip most compile time."""
+    """Keep Inductor's (and so Triton's) cache under ~/.cache/tunelab, so later runs skip most compile time. A
+    folder the user chose stays; the temporary one Inductor sets for itself on import (transformers imports it
+    long before this runs) does not."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "compile"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))  # Triton's cache lives inside it
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)  # Triton's cache lives inside it
 
 
 def skip_lora_input_cast(model: Any) -> None:

@@ -212,7 +212,7 @@ class Meter:
 
 def run_loop(run: Run) -> RunResult:
     cfg, par, state, logger = run.cfg, run.par, run.state, run.folder.logger
-    total = state.total_steps
+    total, first = state.total_steps, state.step
     meter = Meter()
     orders: dict[int, np.ndarray] = {}
     out = Step(float("nan"), float("nan"), 0.0, 0, 0.0)
@@ -229,6 +229,8 @@ def run_loop(run: Run) -> RunResult:
                 writer.poll()
                 advance(1)
                 meter.step_times.append(time.perf_counter() - t_step)
+                if step == first:
+                    _report_start(logger, meter.step_times[-1])
                 _log_step(run, meter, out)
                 if state.step == 1:
                     _report_ranks(run, to_console=False)
@@ -257,6 +259,24 @@ def run_loop(run: Run) -> RunResult:
     logger.info(f"done: {state.step} steps, final loss {out.loss:.4f}; checkpoint {last_saved}")
     assert last_saved is not None
     return RunResult(run.folder.work_dir, run.folder.log_dir, last_saved, state.step, out.loss)
+
+
+def _report_start(logger: Any, step_s: float) -> None:
+    """How long this process took to its first step: start-up (imports, data, model load), then the step itself
+    (on a GPU it compiles the layers)."""
+    since = _process_age()
+    logger.info(f"first step done {since:.1f} s after the process started (start-up {since - step_s:.1f} s, "
+                f"the step {step_s:.1f} s)")
+
+
+def _process_age() -> float:
+    try:  # Linux: the start time in clock ticks since boot, exact where psutil rounds the boot time to a second
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 def _log_step(run: Run, meter: Meter, out: Step) -> None:

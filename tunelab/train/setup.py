@@ -186,7 +186,7 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     free = parallel.min_over_ranks(free_memory(model, par.device), par)
     speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length,
                                  free=free)
-    parallel.check_same("speed settings", speed.describe(), par)
+    parallel.check_same("settings", f"{dtype}, {speed.describe()}", par)  # e.g. bf16 or Liger on one node only
     model.train()
     n_train, n_total = count_parameters(model)
     logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
