@@ -252,3 +252,26 @@ def test_optimizer_state_too_large_to_gather_is_saved_in_shards(base):
                                               r"and a zero strategy \(this run: 1, zero3\)"):
         train(load_config(cfg, ["train.strategy=zero3", *FULL]), "tiny", work_dir=tmp / "dcp_one",
               resume=str(ckpt))
+
+
+def test_a_sharded_optimizer_state_in_several_files_resumes_and_a_lost_file_is_one_line(base, monkeypatch):
+    """One process, sharded (a one-process group: a 7B full fine-tune with zero3_offload on one GPU), its
+    optimizer state written in files of at most 20 kB (1 GiB in a run)."""
+    from tunelab.errors import CheckpointError
+    from tunelab.train import named_state
+
+    tmp, cfg, _ = base
+    monkeypatch.setenv("TUNELAB_GATHER_LIMIT_BYTES", "0")
+    monkeypatch.setattr(named_state, "SHARD_FILE_BYTES", 20_000)
+    over = ["train.strategy=zero3", *FULL]
+    first = train(load_config(cfg, over), "tiny", work_dir=tmp / "dcp1")
+    files = sorted((first.work_dir / "iter_2" / "optimizer").iterdir())
+    parts = [load_file(str(p)) for p in files]
+    assert len(files) > 3 and all(len(f) == 1 or sum(t.nbytes for t in f.values()) <= 20_000 for f in parts)
+    shutil.copytree(first.work_dir / "iter_2", tmp / "dcp1_resumed" / "iter_2")
+    again = train(load_config(cfg, over), "tiny", work_dir=tmp / "dcp1_resumed", resume=True)
+    assert_same_losses(runs_of(again.work_dir), runs_of(first.work_dir)[2:])
+
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match=r"optimizer: the optimizer shards cannot be read \(.+\)$"):
+        train(load_config(cfg, over), "tiny", work_dir=first.work_dir, resume=str(first.work_dir / "iter_2"))

@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from tunelab.errors import TrainingError
+from tunelab.errors import CheckpointError, TrainingError
 from tunelab.train.parallel import Parallel, min_over_ranks
 
 # Optimizer state larger than this (bytes, with the gathered weights) is saved sharded; default: half the
 # host memory available when the checkpoint is taken.
 GATHER_LIMIT_ENV = "TUNELAB_GATHER_LIMIT_BYTES"
+# A shard file is assembled in memory before it is written: files of about this size bound that copy.
+SHARD_FILE_BYTES = 1 << 30
 
 
 def gather_weights(par: Parallel, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -105,8 +107,22 @@ def save_sharded_optimizer(par: Parallel, model: torch.nn.Module, optimizer: tor
 
     osd = get_optimizer_state_dict(model, optimizer)  # this process's shards, no gathering
     tensors, scalars = _flat(osd)
-    save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    files = _file_index(tensors, SHARD_FILE_BYTES)
+    save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files,
+                                                          save_distributed=True))
     return {"param_groups": osd["param_groups"], "scalars": scalars}
+
+
+def _file_index(tensors: dict[str, torch.Tensor], most: int) -> dict[str, int]:
+    """Key -> file number (from 1), in order, starting a new file where this process's part would pass `most`
+    bytes (rank 0's split is every process's: their shards are the same size)."""
+    index, files, size = {}, 1, 0
+    for key, t in tensors.items():
+        n = (t.to_local() if hasattr(t, "to_local") else t).nbytes
+        if size and size + n > most:
+            files, size = files + 1, 0
+        index[key], size = files, size + n
+    return index
 
 
 def load_sharded_optimizer(par: Parallel, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
@@ -114,12 +130,17 @@ def load_sharded_optimizer(par: Parallel, model: torch.nn.Module, optimizer: tor
     """Every process reads its shard back from `folder`; `saved`: the param groups and non-tensor state from
     optimizer.json (checkpoint.read_optimizer)."""
     from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer)  # empty state is created first: tensors to read into
     tensors, _ = _flat(osd)
-    load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
+    try:
+        load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 (a reader fails in its own ways)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise CheckpointError(f"{folder}: the optimizer shards cannot be read ({reason})") from None
     for key, v in [*tensors.items(), *saved["scalars"].items()]:
         owner, name = key.removeprefix("state.").rsplit(".", 1)
         osd["state"][owner][name] = v
