@@ -275,3 +275,12 @@ def test_a_sharded_optimizer_state_in_several_files_resumes_and_a_lost_file_is_o
     files[1].unlink()
     with pytest.raises(CheckpointError, match=r"optimizer: the optimizer shards cannot be read \(.+\)$"):
         train(load_config(cfg, over), "tiny", work_dir=first.work_dir, resume=str(first.work_dir / "iter_2"))
+
+
+def test_offloaded_checkpointing_under_zero3_gives_the_one_process_losses(base):
+    """The long-row memory path (layer inputs kept on the CPU, recomputed in backward) inside FSDP2's layers."""
+    tmp, cfg, refs = base
+    res = train(load_config(cfg, ["train.strategy=zero3", "model.gradient_checkpointing=offload"]), "tiny",
+                work_dir=tmp / "z3_offload")
+    assert "activation checkpointing offloaded to CPU" in log_text(res.work_dir)
+    assert_same_losses(runs_of(res.work_dir), runs_of(refs["lora"].work_dir))
