@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import build_tiny_model
 from tunelab.config.schema import ALL_LINEAR, LoraSettings
 from tunelab.errors import ConfigError
-from tunelab.model.adapters import (add_lora, count_parameters, enable_checkpointing, linear_module_names,
-                                    make_full_trainable, trainable_state)
-from tests.conftest import build_tiny_model
+from tunelab.model.adapters import (
+    add_lora,
+    count_parameters,
+    enable_checkpointing,
+    linear_module_names,
+    make_full_trainable,
+    trainable_state,
+)
 
 LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

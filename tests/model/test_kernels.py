@@ -15,8 +15,8 @@ from tunelab.errors import ModelError
 from tunelab.model.adapters import add_lora, count_parameters
 from tunelab.model.kernels import (
     FLEX_MAX_ROW,
-    _choose_checkpointing,
     choose_attention,
+    choose_checkpointing,
     compile_layers,
     decoder_layers,
     flop_counter,
@@ -77,7 +77,7 @@ def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path
     auto, free = ModelSettings(path="x"), 1e9
 
     def choice(settings: ModelSettings, tokens: int) -> str:
-        return _choose_checkpointing(settings, model, CPU, tokens, free=free)
+        return choose_checkpointing(settings, model, CPU, tokens, free=free)
 
     assert choice(auto, 10_000) == "off"
     assert choice(ModelSettings(path="x", quantization="nf4"), 10_000) == "full"
@@ -156,3 +156,19 @@ def test_generation_mode_lets_fp32_adapters_generate_without_autocast(tmp_path: 
         out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 11)
     assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())  # training's state
+
+
+def test_the_compile_cache_lives_under_tunelab_even_after_torch_chose_its_own(tmp_path: Path, monkeypatch) -> None:
+    """transformers imports Inductor, which sets TORCHINDUCTOR_CACHE_DIR to a temporary folder on import: the
+    cache must still go where a second run finds it."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from tunelab.model.kernels import use_compile_cache
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "tl"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what Inductor set when it was imported
+    use_compile_cache()
+    assert cache_dir() == str(tmp_path / "tl" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's own choice stays
+    use_compile_cache()
+    assert cache_dir() == str(tmp_path / "mine")

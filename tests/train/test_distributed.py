@@ -25,9 +25,9 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
                       train={"max_epochs": 2, "batch_size": 1, "accumulative_counts": 2})
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "tunelab",
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tunelab",
                           "train", str(cfg), "--work-dir", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=env, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in res.stdout
     single = run_cli("train", str(cfg), "--work-dir", str(tmp_path / "one"), "train.accumulative_counts=4",
@@ -55,9 +55,9 @@ def test_resume_under_torchrun_continues_every_process_dropout_stream(tmp_path, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(work: Path, *extra: str) -> None:
-        res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "-m", "tunelab",
+        res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tunelab",
                               "train", str(cfg), "--work-dir", str(work), *extra],
-                             capture_output=True, text=True, timeout=600, env=env)
+                             capture_output=True, text=True, timeout=600, env=env, check=False)
         assert res.returncode == 0, res.stderr[-3000:]
 
     launch(tmp_path / "full")

@@ -77,7 +77,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_non_zero(setup, sig, code
     wait_for(lambda: any(losses_file.exists() for losses_file in work.glob("*/scalars.jsonl"))
              and losses(work), proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     step = int((work / "last_checkpoint").read_text().strip().split("_")[1])
     assert 0 < step < STEPS

@@ -1,10 +1,11 @@
 """The loss function: equal to the model's own loss, isolated per packed sample, and gradient accumulation
 that weights every token of the accumulated batch equally."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from contextlib import nullcontext
 
 from tunelab.data.pack import collate
 from tunelab.train.loop import accumulate_gradients

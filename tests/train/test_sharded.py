@@ -200,3 +200,87 @@ def test_fp16_with_sharding_is_refused_before_anything_loads(base):
     tmp, cfg, _ = base
     with pytest.raises(TrainingError, match=r"train\.dtype float16 with strategy zero3: use bfloat16"):
         train(load_config(cfg, ["train.strategy=zero3", "train.dtype=float16"]), "tiny", work_dir=tmp / "fp16")
+
+
+def test_a_sharded_qlora_run_counts_the_flops_of_the_real_weights(base, tiny_model_dir):
+    """MFU needs the FLOPs of the weights a 4-bit layer stands for; sharding stores them packed in other tensors."""
+    from tunelab.model.adapters import add_lora
+    from tunelab.model.kernels import flop_counter
+    from tunelab.model.load import load_model
+    from tunelab.train import parallel
+    from tunelab.train.setup import open_folder, set_up
+
+    tmp, cfg, _ = base
+    plain = add_lora(load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"),
+                                quantization="nf4"), load_config(cfg).model.lora)
+    par = parallel.setup("zero3", torch.device("cpu"))
+    try:
+        folder = open_folder(tmp / "flops", False, par)
+        with folder.logger:
+            run = set_up(load_config(cfg, ["train.strategy=zero3", "model.quantization=nf4"]), par, folder, "", False)
+            assert run.flops.per_token == pytest.approx(flop_counter(plain).per_token)
+            del run
+    finally:
+        parallel.teardown(par)
+
+
+def test_optimizer_state_too_large_to_gather_is_saved_in_shards(base):
+    """Where the gathered optimizer state would not fit rank 0's memory (forced here: a limit of 0 bytes), each
+    process writes its own shard (torch.distributed.checkpoint, safetensors); as many processes resume it with
+    the same losses, another number is refused with one line."""
+    from tunelab.errors import CheckpointError
+
+    tmp, cfg, refs = base
+    work, resumed = tmp / "dcp", tmp / "dcp_resumed"
+    args = ["-m", "tunelab", "train", str(cfg), "--deepspeed", "zero3", *FULL, "train.accumulative_counts=2"]
+    res = torchrun(2, *args, "--work-dir", str(work), TUNELAB_DEBUG_KILL="*:4", TUNELAB_GATHER_LIMIT_BYTES="0")
+    assert res.returncode != 0
+    ckpt = work / "iter_2"
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    assert (meta["format"], meta["world_size"]) == ("sharded", 2) and not (ckpt / "optimizer.safetensors").exists()
+    shards = sorted((ckpt / "optimizer").iterdir())
+    assert [p.suffix for p in shards] == [".safetensors"] * 2
+    sizes = [sum(t.numel() for t in load_file(str(p)).values()) for p in shards]
+    assert all(s == pytest.approx(sum(sizes) / 2, rel=0.1) for s in sizes)  # each process wrote its half
+
+    ref = runs_of(refs["full"].work_dir)
+    shutil.copytree(ckpt, resumed / "iter_2")
+    res = torchrun(2, *args, "--work-dir", str(resumed), "--resume", TUNELAB_GATHER_LIMIT_BYTES="0")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert_same_losses(runs_of(resumed), ref[2:])
+    with pytest.raises(CheckpointError, match=r"holds its optimizer state in 2 shards .*: resume it with 2 processes "
+                                              r"and a zero strategy \(this run: 1, zero3\)"):
+        train(load_config(cfg, ["train.strategy=zero3", *FULL]), "tiny", work_dir=tmp / "dcp_one",
+              resume=str(ckpt))
+
+
+def test_a_sharded_optimizer_state_in_several_files_resumes_and_a_lost_file_is_one_line(base, monkeypatch):
+    """One process, sharded (a one-process group: a 7B full fine-tune with zero3_offload on one GPU), its
+    optimizer state written in files of at most 20 kB (1 GiB in a run)."""
+    from tunelab.errors import CheckpointError
+    from tunelab.train import named_state
+
+    tmp, cfg, _ = base
+    monkeypatch.setenv("TUNELAB_GATHER_LIMIT_BYTES", "0")
+    monkeypatch.setattr(named_state, "SHARD_FILE_BYTES", 20_000)
+    over = ["train.strategy=zero3", *FULL]
+    first = train(load_config(cfg, over), "tiny", work_dir=tmp / "dcp1")
+    files = sorted((first.work_dir / "iter_2" / "optimizer").iterdir())
+    parts = [load_file(str(p)) for p in files]
+    assert len(files) > 3 and all(len(f) == 1 or sum(t.nbytes for t in f.values()) <= 20_000 for f in parts)
+    shutil.copytree(first.work_dir / "iter_2", tmp / "dcp1_resumed" / "iter_2")
+    again = train(load_config(cfg, over), "tiny", work_dir=tmp / "dcp1_resumed", resume=True)
+    assert_same_losses(runs_of(again.work_dir), runs_of(first.work_dir)[2:])
+
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match=r"optimizer: the optimizer shards cannot be read \(.+\)$"):
+        train(load_config(cfg, over), "tiny", work_dir=first.work_dir, resume=str(first.work_dir / "iter_2"))
+
+
+def test_offloaded_checkpointing_under_zero3_gives_the_one_process_losses(base):
+    """The long-row memory path (layer inputs kept on the CPU, recomputed in backward) inside FSDP2's layers."""
+    tmp, cfg, refs = base
+    res = train(load_config(cfg, ["train.strategy=zero3", "model.gradient_checkpointing=offload"]), "tiny",
+                work_dir=tmp / "z3_offload")
+    assert "activation checkpointing offloaded to CPU" in log_text(res.work_dir)
+    assert_same_losses(runs_of(res.work_dir), runs_of(refs["lora"].work_dir))

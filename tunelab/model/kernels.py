@@ -83,14 +83,16 @@ def liger_available() -> bool:
 
 
 def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens_per_micro_batch: int,
-                         memory_budget: float | None = None) -> SpeedPlan:
+                         memory_budget: float | None = None, free: float | None = None) -> SpeedPlan:
     """Apply the speed settings of `settings` (config.schema.ModelSettings) to a model that already has its
     adapters (or is fully trainable). Call once, before the optimizer is built and before model.train().
-    `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory."""
+    `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory.
+    `free`: the memory left for activations (default: `free_memory` here); several processes pass the same
+    number, since the plan decides which collectives a sharded step makes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
-    plan.checkpointing = _choose_checkpointing(settings, model, device, tokens_per_micro_batch)
+    plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
     want_compile = settings.compile
     if want_compile == "auto":
         # CUDA graphs ("cudagraphs") stay opt-in: measured 4.8x faster on launch-bound QLoRA with one micro-batch
@@ -137,8 +139,8 @@ def _decoder(model: Any) -> torch.nn.Module:
     return get() if callable(get) else getattr(model, "model", model)
 
 
-def _choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,
-                          free: float | None = None) -> str:
+def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,
+                         free: float | None = None) -> str:
     choice = settings.gradient_checkpointing
     if choice is True:
         return "full"
@@ -153,7 +155,7 @@ def _choose_checkpointing(settings: Any, model: Any, device: torch.device, token
     if not (hidden and n_layers):
         return "full"
     elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
-    free = _free_memory(model, device) if free is None else free
+    free = free_memory(model, device) if free is None else free
     no_ckpt = NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * n_layers
     if no_ckpt <= 0.6 * free and settings.quantization == "none":  # QLoRA: memory first
         return "off"
@@ -162,9 +164,10 @@ def _choose_checkpointing(settings: Any, model: Any, device: torch.device, token
     return "full" if ckpt <= 0.8 * free else "offload"
 
 
-def _free_memory(model: Any, device: torch.device) -> float:
+def free_memory(model: Any, device: torch.device) -> float:
     """Memory left for activations: the device's total, less the weights already there and the gradients and
-    AdamW state still to come for the trainable parameters."""
+    AdamW state still to come for the trainable parameters. It differs between processes (on the CPU from moment
+    to moment, and a sharded run's rank 0 holds weights the others build on the meta device)."""
     trainable = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -196,9 +199,14 @@ def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor",
 
 
 def use_compile_cache() -> None:
-    """Keep Inductor's (and so Triton's) cache under ~/.cache/tunelab, so later runs skip most compile time."""
+    """Keep Inductor's (and so Triton's) cache under ~/.cache/tunelab, so later runs skip most compile time. A
+    folder the user chose stays; the temporary one Inductor sets for itself on import (transformers imports it
+    long before this runs) does not."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "compile"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))  # Triton's cache lives inside it
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)  # Triton's cache lives inside it
 
 
 def skip_lora_input_cast(model: Any) -> None:

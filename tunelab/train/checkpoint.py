@@ -2,11 +2,12 @@
 `last_checkpoint` pointer that only ever names a complete one.
 
 A checkpoint holds the trainable weights (a PEFT adapter folder, or the full model as sharded safetensors),
-the optimizer state by parameter name (safetensors + JSON), RNG states, the data position and the resolved
-config. Nothing is pickled; nothing is loaded with torch.load.
+the optimizer state by parameter name (safetensors + JSON; or, where gathering it would not fit, each process's
+shard in optimizer/, see train/named_state.py), RNG states, the data position and the resolved config. Nothing
+is pickled; nothing is loaded with torch.load.
 
-Saving is two halves: the run gathers a `Payload` (full CPU tensors by name; collective, train/parallel.py), then
-rank 0 writes it here. Writing touches no live parameter, so it could move off the step later.
+Saving is two halves: the run gathers a `Payload` (full CPU tensors by name; collective, train/named_state.py),
+then rank 0 writes it here, on a background thread (train/saving.py): writing touches no live tensor.
 Loading checks names and shapes against the model from the files' headers on every process, then reads the
 tensors where the caller says (rank 0 of a distributed run) for parallel.py to broadcast.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tunelab.errors import CheckpointError, TrainingError
 
 POINTER = "last_checkpoint"
+OPTIMIZER_SHARDS = "optimizer"  # the folder of a sharded optimizer state
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
@@ -95,6 +95,16 @@ class Payload:
     optimizer: dict[str, Any]  # {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}
     rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # every process's, by rank
     scaler: dict[str, Any] | None
+    # sharded optimizer state, already written by every process (then `optimizer` holds only param_groups and
+    # scalars): the folder it lies in, and over how many processes
+    optimizer_shards: Path | None = None
+    world_size: int = 1
+
+
+def staging_folder(work_dir: Path, step: int) -> Path:
+    """Where every process writes its optimizer shard before rank 0 moves it into the checkpoint (a name
+    clean_partial removes when a save is killed)."""
+    return work_dir / f".iter_{step}.tmp-optimizer"
 
 
 def _optimizer_tensors(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -107,18 +117,6 @@ def _optimizer_tensors(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
             else:
                 scalars[f"state.{name}.{k}"] = v
     return tensors, {"format": "by_name", "param_groups": osd["param_groups"], "scalars": scalars}
-
-
-def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This process's random states: CPU, its own GPU, Python and NumPy."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, meta
 
 
 def _failure_reason(e: Exception) -> str:
@@ -142,8 +140,12 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, payload: Payl
     try:
         tmp.mkdir(parents=True)
         save_weights(model, tmp, payload.weights)
-        opt_tensors, opt_meta = _optimizer_tensors(payload.optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if payload.optimizer_shards is not None:
+            os.replace(payload.optimizer_shards, tmp / OPTIMIZER_SHARDS)
+            opt_meta = {"format": "sharded", "world_size": payload.world_size, **payload.optimizer}
+        else:
+            opt_tensors, opt_meta = _optimizer_tensors(payload.optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors = {f"rank{r}.{k}": t for r, (tensors, _) in enumerate(payload.rng_states)
                        for k, t in tensors.items()}
@@ -165,6 +167,8 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, payload: Payl
         os.replace(pointer_tmp, work_dir / POINTER)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if payload.optimizer_shards is not None:
+            shutil.rmtree(payload.optimizer_shards, ignore_errors=True)
         prev = latest_checkpoint(work_dir)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
         raise TrainingError(f"could not save checkpoint {final}: {_failure_reason(e)}{kept}") from None
@@ -264,12 +268,19 @@ def _adapter_names(model: Any) -> dict[str, str]:
     return {k: trainable[int(v)] for k, v in get_peft_model_state_dict(model, state_dict=tags).items()}
 
 
+def sharded_optimizer(ckpt: Path) -> int | None:
+    """The number of processes whose shards hold this checkpoint's optimizer state (None: saved whole)."""
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    return meta["world_size"] if meta.get("format") == "sharded" else None
+
+
 def read_optimizer(ckpt: Path, names: list[str], load: bool) -> dict[str, Any]:
     """Optimizer state by parameter name. `names`: the optimizer's parameters in order, to check the file
-    against (and to read checkpoints from before names were saved, which kept positions)."""
+    against (and to read checkpoints from before names were saved, which kept positions). A sharded state gives
+    only its param groups and scalars, on every process (named_state.load_sharded_optimizer reads the rest)."""
     meta = json.loads((ckpt / "optimizer.json").read_text())
     groups = meta["param_groups"]
-    by_position = meta.get("format") != "by_name"
+    by_position = "format" not in meta  # checkpoints from before names were saved
     if by_position:
         groups = [{**g, "params": [names[int(i)] for i in g["params"] if int(i) < len(names)]} for g in groups]
     saved = [n for g in groups for n in g["params"]]
@@ -277,6 +288,8 @@ def read_optimizer(ckpt: Path, names: list[str], load: bool) -> dict[str, Any]:
         extra, lost = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
         raise CheckpointError(f"{ckpt / 'optimizer.json'} is for other parameters than this model trains "
                               f"(only in the checkpoint: {extra[:2]}; only in the model: {lost[:2]})")
+    if meta.get("format") == "sharded":
+        return {"param_groups": groups, "scalars": meta["scalars"]}
     if not load:
         return {}
     state: dict[str, dict[str, Any]] = {}
@@ -285,17 +298,3 @@ def read_optimizer(ckpt: Path, names: list[str], load: bool) -> dict[str, Any]:
         owner, name = key.removeprefix("state.").rsplit(".", 1)
         state.setdefault(names[int(owner)] if by_position else owner, {})[name] = v
     return {"state": state, "param_groups": groups}
-
-
-def restore_rng(ckpt: Path, rng_meta: list[dict[str, Any]], rank: int, device: torch.device) -> None:
-    """Restore this process's random states (rank 0's when the checkpoint came from fewer processes)."""
-    if rank >= len(rng_meta):
-        rank = 0
-    tensors = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(tensors[f"rank{rank}.torch_cpu"])
-    if device.type == "cuda" and f"rank{rank}.torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors[f"rank{rank}.torch_cuda"], device)
-    py = rng_meta[rank]["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = rng_meta[rank]["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))

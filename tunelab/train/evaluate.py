@@ -32,6 +32,5 @@ def evaluate_chat(chat: ChatModel, inputs: list[str], system: str | None, max_ne
 def write_eval(log_dir: Path, step: int, results: list[dict[str, Any]]) -> Path:
     out = log_dir / "eval_outputs.jsonl"
     with open(out, "a", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in results)
     return out

@@ -55,8 +55,9 @@ class RunLogger:
         self._text = None
         if enabled:
             log_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(log_dir / "scalars.jsonl", "a", encoding="utf-8")
-            self._text = open(log_dir / "train.log", "a", encoding="utf-8")
+            # open for the whole run; close() ends them
+            self._jsonl = open(log_dir / "scalars.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._text = open(log_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -87,7 +88,7 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -18,6 +18,7 @@ import shlex
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,7 @@ from tunelab.data.pack import Rows, collate
 from tunelab.errors import Interrupted, TrainingError
 from tunelab.model.kernels import step_flops
 from tunelab.model.load import choose_device
-from tunelab.train import checkpoint as ckpt_io
-from tunelab.train import parallel, peers
+from tunelab.train import parallel, peers, saving
 from tunelab.train.evaluate import evaluate_chat, write_eval
 from tunelab.train.log import format_duration, memory_gib, peak_memory, plot_loss, rank_line
 from tunelab.train.optim import lr_at, set_lr
@@ -163,8 +163,9 @@ class Step:
     flops: float = 0.0  # model FLOPs of this process's rows (for MFU)
 
 
-def train_step(run: Run, step: int, order: np.ndarray, last_saved: Path | None) -> Step:
-    """One optimizer update (or a skipped one, when the loss or the gradient norm is not finite)."""
+def train_step(run: Run, step: int, order: np.ndarray, last_saved: Callable[[], Path | None]) -> Step:
+    """One optimizer update (or a skipped one, when the loss or the gradient norm is not finite). `last_saved`
+    gives the newest complete checkpoint (waiting for one being written)."""
     cfg, state = run.cfg, run.state
     k = step % run.steps_per_epoch
     step_rows = order[k * run.rows_per_step:(k + 1) * run.rows_per_step]
@@ -187,7 +188,7 @@ def train_step(run: Run, step: int, order: np.ndarray, last_saved: Path | None) 
         run.folder.logger.text(f"step {step + 1}: non-finite loss {loss_value} / grad norm {grad_norm}; skipped")
         if state.bad_steps >= cfg.train.max_bad_steps:
             raise TrainingError(f"{state.bad_steps} consecutive steps with a non-finite loss or gradient norm "
-                                f"(step {step + 1}); stopping. Last good checkpoint: {last_saved or 'none'}. "
+                                f"(step {step + 1}); stopping. Last good checkpoint: {last_saved() or 'none'}. "
                                 "Try a lower train.lr or train.dtype=float32")
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -211,41 +212,46 @@ class Meter:
 
 def run_loop(run: Run) -> RunResult:
     cfg, par, state, logger = run.cfg, run.par, run.state, run.folder.logger
-    total = state.total_steps
-    last_saved = run.folder.resume_from
+    total, first = state.total_steps, state.step
     meter = Meter()
     orders: dict[int, np.ndarray] = {}
     out = Step(float("nan"), float("nan"), 0.0, 0, 0.0)
-    with StopSignal() as stop, ui.progress(total, "training") as advance:
-        advance(state.step)
-        for step in range(state.step, total):
-            _fault_injection(par.rank, step + 1)
-            t_step = time.perf_counter()
-            epoch = step // run.steps_per_epoch
-            if epoch not in orders:
-                orders = {epoch: epoch_order(len(run.rows), epoch, cfg.train.seed, cfg.data.shuffle)}
-            out = train_step(run, step, orders[epoch], last_saved)
-            advance(1)
-            meter.step_times.append(time.perf_counter() - t_step)
-            _log_step(run, meter, out)
-            if state.step == 1:
-                _report_ranks(run, to_console=False)
-            stop_now = parallel.any_flag(stop.signum is not None, par)
-            if cfg.runtime.evaluation_inputs and state.step % cfg.runtime.evaluation_freq == 0 \
-                    and state.step != total and not stop_now:
-                _evaluate(run, state.step)
-            # no periodic save inside a streak of skipped updates: the last good checkpoint stays the newest
-            periodic = state.step % cfg.runtime.save_steps == 0 and state.bad_steps == 0
-            if periodic or state.step == total or stop_now:
-                last_saved = _save(run)
-            if stop_now:
-                signum = stop.signum or signal.SIGTERM
-                raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {state.step}/{total}; "
-                                  f"checkpoint saved: {last_saved}; continue with: {run.resume_hint}",
-                                  exit_code=128 + int(signum))
-    if cfg.runtime.evaluation_inputs:
-        _evaluate(run, state.step)
-    _report_ranks(run, to_console=True)
+    with saving.Writer(logger, run.folder.resume_from) as writer:
+        with StopSignal() as stop, ui.progress(total, "training") as advance:
+            advance(state.step)
+            for step in range(state.step, total):
+                _fault_injection(par.rank, step + 1)
+                t_step = time.perf_counter()
+                epoch = step // run.steps_per_epoch
+                if epoch not in orders:
+                    orders = {epoch: epoch_order(len(run.rows), epoch, cfg.train.seed, cfg.data.shuffle)}
+                out = train_step(run, step, orders[epoch], writer.wait)
+                writer.poll()
+                advance(1)
+                meter.step_times.append(time.perf_counter() - t_step)
+                if step == first:
+                    _report_start(logger, meter.step_times[-1])
+                _log_step(run, meter, out)
+                if state.step == 1:
+                    _report_ranks(run, to_console=False)
+                stop_now = parallel.any_flag(stop.signum is not None, par)
+                if cfg.runtime.evaluation_inputs and state.step % cfg.runtime.evaluation_freq == 0 \
+                        and state.step != total and not stop_now:
+                    _evaluate(run, state.step)
+                # no periodic save inside a streak of skipped updates: the last good checkpoint stays the newest
+                periodic = state.step % cfg.runtime.save_steps == 0 and state.bad_steps == 0
+                if periodic or state.step == total or stop_now:
+                    saving.save(run, writer)
+                if stop_now:
+                    signum = stop.signum or signal.SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {state.step}/{total}; "
+                                      f"checkpoint saved: {writer.wait()}; continue with: {run.resume_hint}",
+                                      exit_code=128 + int(signum))
+        # the final evaluation runs while the last checkpoint is written
+        if cfg.runtime.evaluation_inputs:
+            _evaluate(run, state.step)
+        last_saved = writer.wait()
+    _report_ranks(run, to_console=True)  # collective: every process returns with the last checkpoint complete
     if par.is_main:
         png = plot_loss(run.folder.log_dir / "scalars.jsonl", run.folder.log_dir / "loss_curve.png")
         if png:
@@ -253,6 +259,24 @@ def run_loop(run: Run) -> RunResult:
     logger.info(f"done: {state.step} steps, final loss {out.loss:.4f}; checkpoint {last_saved}")
     assert last_saved is not None
     return RunResult(run.folder.work_dir, run.folder.log_dir, last_saved, state.step, out.loss)
+
+
+def _report_start(logger: Any, step_s: float) -> None:
+    """How long this process took to its first step: start-up (imports, data, model load), then the step itself
+    (on a GPU it compiles the layers)."""
+    since = _process_age()
+    logger.info(f"first step done {since:.1f} s after the process started (start-up {since - step_s:.1f} s, "
+                f"the step {step_s:.1f} s)")
+
+
+def _process_age() -> float:
+    try:  # Linux: the start time in clock ticks since boot, exact where psutil rounds the boot time to a second
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 def _log_step(run: Run, meter: Meter, out: Step) -> None:
@@ -289,23 +313,6 @@ def _report_ranks(run: Run, to_console: bool) -> None:
             "optim_total": opt_total, **peak_memory(run.par.device)}
     for r in parallel.gather_objects(mine, run.par):
         (run.folder.logger.info if to_console else run.folder.logger.text)(rank_line(r))
-
-
-def _save(run: Run) -> Path:
-    """Gather (every process), then write (rank 0). The write reads only the gathered copies, so it is the
-    place a checkpoint could be written in the background later."""
-    par = run.par
-    payload = ckpt_io.Payload(weights=parallel.gather_weights(par, run.model, trainable_only=not run.full),
-                              optimizer=parallel.gather_optimizer(par, run.model, run.optimizer),
-                              rng_states=parallel.gather_objects(ckpt_io.rng_state(par.device), par),
-                              scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
-    path = run.folder.work_dir / f"iter_{run.state.step}"
-    if par.is_main:
-        path = ckpt_io.save_checkpoint(run.folder.work_dir, run.state, run.model, payload, run.config_yaml,
-                                       run.cfg.runtime.save_total_limit)
-        run.folder.logger.info(f"saved checkpoint {path}")
-    parallel.barrier(par)
-    return path
 
 
 def _evaluate(run: Run, step: int) -> None:

@@ -19,8 +19,11 @@ loss function calls the decoder and the head. Generation goes through `unsharded
 
 Weights: a sharded run builds the model on the meta device on every process but rank 0 (QLoRA: every process
 loads its 4-bit copy) and fills each process's shards from rank 0 by broadcast, so host memory holds one full
-copy, not N. State dicts travel by parameter name: gathered to full tensors on rank 0, the only process that
-writes; loaded on rank 0 and broadcast into every process's shards.
+copy, not N. State dicts travel by parameter name (train/named_state.py).
+
+Every choice that shapes the collectives a step makes (activation checkpointing, compile, Liger) must be the same
+on every process, or their collectives stop pairing up: `min_over_ranks` lets all decide from the same number,
+`check_same` refuses a run whose processes still disagree.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from tunelab.config.schema import STRATEGIES
-from tunelab.errors import ModelError
+from tunelab.errors import ModelError, TrainingError
 
 
 @dataclass
@@ -241,48 +244,6 @@ def mark_generation_synced(par: Parallel, model: torch.nn.Module) -> None:
                 m._is_fsdp_managed_module = True
 
 
-# ---------------------------------------------------------------------------------------------- state by name
-
-
-def gather_weights(par: Parallel, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Full CPU tensors by parameter name on rank 0, {} on the others. Every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    full = get_model_state_dict(model, options=opts)
-    # a tied weight (the output head that is the embedding) arrives once per name, as separate copies: keep one
-    kept = dict(model.named_parameters())
-    return {k: v for k, v in full.items() if k in kept or not _is_tied_alias(model, k)}
-
-
-def _is_tied_alias(model: torch.nn.Module, name: str) -> bool:
-    return any(n == name for n, _ in model.named_parameters(remove_duplicate=False))
-
-
-def gather_optimizer(par: Parallel, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"state": {name: {key: tensor}}, "param_groups": [{..., "params": [names]}]} on rank 0, {} elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return osd if par.is_main else {}
-
-
-def load_weights(par: Parallel, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Set parameters by name from `state` (read on rank 0 only when distributed; the others pass {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=par.distributed)
-    set_model_state_dict(model, state, options=opts)
-
-
-def load_optimizer(par: Parallel, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=par.distributed)
-    set_optimizer_state_dict(model, optimizer, state, options=opts)
-
-
 def local_numel(tensors: Any) -> int:
     """Elements this process holds (its shard of a DTensor, all of a plain tensor)."""
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
@@ -313,6 +274,24 @@ def gather_objects(obj: Any, par: Parallel) -> list[Any]:
     out: list[Any] = [None] * par.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def min_over_ranks(value: float, par: Parallel) -> float:
+    """The smallest of every process's `value` (each process's own where there is one)."""
+    if not par.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=par.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+def check_same(what: str, value: str, par: Parallel) -> None:
+    """Refuse a run whose processes chose differently (nodes set up differently: another GPU, a missing package)."""
+    values = gather_objects(value, par)
+    if any(v != values[0] for v in values):
+        differ = next(r for r, v in enumerate(values) if v != values[0])
+        raise TrainingError(f"the processes of this run chose different {what}: rank 0 {values[0]!r}, rank {differ} "
+                            f"{values[differ]!r}; set them in the config (or install the same packages everywhere)")
 
 
 def barrier(par: Parallel) -> None:

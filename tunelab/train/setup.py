@@ -33,6 +33,7 @@ from tunelab.model.kernels import (
     SpeedPlan,
     choose_attention,
     flop_counter,
+    free_memory,
     peak_flops,
     prepare_for_training,
 )
@@ -45,7 +46,7 @@ from tunelab.model.load import (
     warn_if_remote,
 )
 from tunelab.train import checkpoint as ckpt_io
-from tunelab.train import parallel, resume
+from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
 from tunelab.train.loss import LossModule, choose_loss
 from tunelab.train.optim import build_optimizer, warmup_steps
@@ -119,9 +120,10 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     with parallel.node_leader_first(par):  # the first fills this node's data cache; the others read it
         rows = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed).rows
 
-    model, full, filled_on_rank0, speed = _build_model(cfg, par, model_path, dtype, logger)
-    loss_module = parallel.wrap(par, LossModule(model, choose_loss(speed.liger_loss, par.device)), model,
-                                dtype, filled_on_rank0)
+    built = _build_model(cfg, par, model_path, dtype, logger)
+    model, full = built.model, built.full
+    loss_module = parallel.wrap(par, LossModule(model, choose_loss(built.speed.liger_loss, par.device)), model,
+                                dtype, built.filled_on_rank0)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: the sharded parameters
 
     optimizer = build_optimizer(model, cfg.train, par.param_device)
@@ -142,7 +144,7 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
         parallel.mark_generation_synced(par, model)
     autocast = torch.autocast(par.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     run = Run(cfg, par, folder, config_yaml, resume_hint, tokenizer, rows, model, loss_module, params, optimizer,
-              scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, flop_counter(model),
+              scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, built.flops,
               peak_flops(par.device))
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
@@ -152,9 +154,16 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     return run
 
 
-def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype,
-                 logger: RunLogger) -> tuple[Any, bool, bool, SpeedPlan]:
-    """(model with adapters or all weights trainable, full fine-tuning?, filled from rank 0?, speed settings)."""
+@dataclass
+class Built:
+    model: Any  # with adapters, or with every weight trainable
+    full: bool  # full fine-tuning
+    filled_on_rank0: bool  # the other processes built on the meta device; sharding fills them from rank 0
+    speed: SpeedPlan
+    flops: FlopCounter  # counted before sharding, which hides the 4-bit weights' real size
+
+
+def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype, logger: RunLogger) -> Built:
     full = cfg.model.lora is None
     quantized = cfg.model.quantization != "none"
     # Full fine-tuning in fp16 keeps fp32 master weights; bf16 full fine-tuning trains bf16 weights directly.
@@ -172,14 +181,18 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     if quantized:
         _no_cpu_repacking(model)
     model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
-    # Liger, checkpointing (per decoder layer: FSDP's gather hooks stay outside the recomputation), compile
-    speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length)
+    # Liger, checkpointing (per decoder layer: FSDP's gather hooks stay outside the recomputation), compile.
+    # Every process plans from the tightest one's free memory: the plan decides a sharded step's collectives.
+    free = parallel.min_over_ranks(free_memory(model, par.device), par)
+    speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length,
+                                 free=free)
+    parallel.check_same("settings", f"{dtype}, {speed.describe()}", par)  # e.g. bf16 or Liger on one node only
     model.train()
     n_train, n_total = count_parameters(model)
     logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
                 f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if quantized else ''}, "
                 f"{str(dtype).removeprefix('torch.')}, {speed.describe()}, {par.device}); {par.describe()}")
-    return model, full, par.shards and par.enabled and not quantized, speed
+    return Built(model, full, par.shards and par.enabled and not quantized, speed, flop_counter(model))
 
 
 def _no_cpu_repacking(model: Any) -> None:
@@ -204,12 +217,21 @@ def _resume(run: Run, ckpt: Path, force: bool) -> None:
                                run.state.total_steps):
         run.folder.logger.info(line)
     par = run.par
+    shards = ckpt_io.sharded_optimizer(ckpt)
+    if shards is not None and (shards != par.world_size or not par.shards):
+        raise CheckpointError(f"{ckpt} holds its optimizer state in {shards} shards (saved by {shards} processes "
+                              f"with torch.distributed.checkpoint): resume it with {shards} processes and a zero "
+                              f"strategy (this run: {par.world_size}, {par.strategy})")
     load = par.is_main or not par.distributed
-    parallel.load_weights(par, run.model, ckpt_io.read_weights(run.model, ckpt, load))
+    named_state.load_weights(par, run.model, ckpt_io.read_weights(run.model, ckpt, load))
     names = {id(p): n for n, p in run.model.named_parameters()}
     order = [names[id(p)] for g in run.optimizer.param_groups for p in g["params"]]
-    parallel.load_optimizer(par, run.model, run.optimizer, ckpt_io.read_optimizer(ckpt, order, load))
-    ckpt_io.restore_rng(ckpt, extra["rng"], par.rank, par.device)
+    saved = ckpt_io.read_optimizer(ckpt, order, load)
+    if shards is not None:
+        named_state.load_sharded_optimizer(par, run.model, run.optimizer, ckpt / ckpt_io.OPTIMIZER_SHARDS, saved)
+    else:
+        named_state.load_optimizer(par, run.model, run.optimizer, saved)
+    rng.restore_rng(ckpt, extra["rng"], par.rank, par.device)
     if extra.get("scaler"):
         run.scaler.load_state_dict(extra["scaler"])
     run.state.step, run.state.tokens_seen, run.state.bad_steps = old.step, old.tokens_seen, old.bad_steps
