@@ -16,7 +16,6 @@ from pathlib import Path
 from tunelab import __version__, ui
 from tunelab.errors import ConfigError, TunelabError, missing_module_message
 
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -60,7 +59,7 @@ def _load_config(source: str, overrides: list[str]):
 
 
 def _generation_options(args: argparse.Namespace):
-    from tunelab.infer.generate import GenerationOptions
+    from tunelab.model.generate import GenerationOptions
 
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -203,7 +202,7 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.infer.chat import run_chat
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
@@ -253,8 +252,8 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
-    from tunelab.infer.generate import load_chat_model
     from tunelab.infer.selfcog_eval import evaluate_self_cognition
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(args.model, adapter=args.adapter, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
@@ -290,7 +289,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> int:
 
 
 def _load_for_serving(args: argparse.Namespace):
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     return load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)

@@ -20,7 +20,7 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def real_chat(default_model_dir: Path):
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     return load_chat_model(str(default_model_dir), device="cpu")
 
@@ -28,7 +28,7 @@ def real_chat(default_model_dir: Path):
 @pytest.fixture(scope="module")
 def base_url(real_chat):
     from tunelab.infer.api import build_api
-    from tunelab.infer.generate import GenerationOptions
+    from tunelab.model.generate import GenerationOptions
 
     app = build_api(real_chat, system=None, defaults=GenerationOptions(max_new_tokens=64), model_name="smol-test")
     with api_in_thread(app) as base:
@@ -39,7 +39,7 @@ def base_url(real_chat):
 def tiny_url(tiny_model_dir: Path):
     """A server on the tiny model (context 512), for the context-length cases."""
     from tunelab.infer.api import build_api
-    from tunelab.infer.generate import GenerationOptions, load_chat_model
+    from tunelab.model.generate import GenerationOptions, load_chat_model
 
     chat = load_chat_model(str(tiny_model_dir), device="cpu")
     with api_in_thread(build_api(chat, defaults=GenerationOptions(max_new_tokens=16))) as base:
@@ -62,7 +62,7 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 
 def test_completion_answer_and_usage(client: openai.OpenAI, real_chat) -> None:
-    from tunelab.infer.generate import conversation, prompt_ids
+    from tunelab.model.generate import conversation, prompt_ids
 
     r = ask(client, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and r.model == "smol-test"
@@ -145,7 +145,7 @@ def test_seed_and_temperature(client: openai.OpenAI) -> None:
 
 
 def test_system_and_history_messages(client: openai.OpenAI, real_chat) -> None:
-    from tunelab.infer.generate import GenerationOptions, conversation, generate
+    from tunelab.model.generate import GenerationOptions, conversation, generate
 
     messages = [{"role": "system", "content": "You are a geography teacher."},
                 {"role": "user", "content": QUESTION},
@@ -248,7 +248,7 @@ def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> No
 
     from tunelab.infer import api as api_module
     from tunelab.infer.api import build_api
-    from tunelab.infer.generate import GenerationOptions
+    from tunelab.model.generate import GenerationOptions
 
     calls: list[int] = []
     real_many = api_module.generate_many
@@ -277,7 +277,7 @@ def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> No
 
 
 def test_finish_reason_is_stop_when_the_end_token_is_the_last_allowed_one(real_chat) -> None:
-    from tunelab.infer.generate import GenerationOptions, StreamStats, conversation, generate_many, generate_stream
+    from tunelab.model.generate import GenerationOptions, StreamStats, conversation, generate_many, generate_stream
 
     conv = conversation([], QUESTION, None)
     free = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=64))[0]
@@ -295,7 +295,7 @@ def test_batcher_serves_streams_in_line_and_survives_a_cancelled_request(tiny_mo
     import time
 
     from tunelab.infer.api import Batcher
-    from tunelab.infer.generate import GenerationOptions, conversation, load_chat_model
+    from tunelab.model.generate import GenerationOptions, conversation, load_chat_model
 
     chat = load_chat_model(str(tiny_model_dir), device="cpu")
     opts = GenerationOptions(max_new_tokens=4)

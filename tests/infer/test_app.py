@@ -119,7 +119,7 @@ def listening_hosts(pid: int) -> set[str]:
 def test_exported_app_runs_in_a_fresh_venv(tiny_model_dir: Path, tiny_adapter: Path, tmp_path: Path) -> None:
     from gradio_client import Client
 
-    from tunelab.infer.generate import GenerationOptions, conversation, generate, load_chat_model
+    from tunelab.model.generate import GenerationOptions, conversation, generate, load_chat_model
 
     with_adapter, templated = tmp_path / "space_adapter", tmp_path / "space_template"
     assert run_cli("export-app", str(tiny_model_dir), str(with_adapter), "--adapter", str(tiny_adapter),

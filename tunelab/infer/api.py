@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.data.encode import encode_for_generation
 from tunelab.errors import TunelabError
-from tunelab.infer.generate import ChatModel, Generated, GenerationOptions, PromptTooLong, StreamStats, \
+from tunelab.model.generate import ChatModel, Generated, GenerationOptions, PromptTooLong, StreamStats, \
     conversation, generate_many, generate_stream
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt that fits a context; stops memory abuse early

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tunelab.data.formats import Conversation, Message
 from tunelab.data.selfcog import ANSWERS, DEFAULT_DESC, GENERAL_HELD_OUT, IDENTITY_HELD_OUT, degenerate
-from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
+from tunelab.model.generate import ChatModel, GenerationOptions, generate_batch
 
 
 @dataclass
@@ -62,7 +62,7 @@ def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
 
 def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -> list[str]:
     """The model's own greedy answers: training on them keeps its general behaviour."""
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(model)
     convs = [Conversation([Message("user", q)]) for q in questions]

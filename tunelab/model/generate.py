@@ -1,4 +1,5 @@
-"""The one generation core behind chat, the web page, the API, evaluation and export-app.
+"""The one generation core behind chat, the web page, the API, self-cognition evaluation and the samples
+written during training (it sits below train/, export/ and infer/, which all use it).
 
 Load a base model (optionally with a PEFT adapter, optionally 4/8-bit), render the conversation with the same
 prompt template used in training, generate with stop words, greedily or by sampling, whole or streamed.
@@ -17,8 +18,8 @@ from tunelab.data.encode import encode_for_generation
 from tunelab.data.formats import Conversation, Message
 from tunelab.data.sidecar import choose_template, prompt_folders
 from tunelab.data.templates import Renderer, stop_token_ids
-from tunelab.errors import ModelError, TunelabError
-from tunelab.model.adapters import check_adapter_fits
+from tunelab.errors import TunelabError
+from tunelab.model.adapters import attach_adapter, check_adapter
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
 
@@ -71,28 +72,6 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     label = Path(resolved).name + (f" + {Path(adapter).name}" if adapter else "")
     return ChatModel(model, tokenizer, renderer, dev, label, ctx)
-
-
-def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
-    a = Path(adapter)
-    if not a.exists():
-        raise ModelError(f"adapter folder not found: {a}")
-    if not (a / "adapter_config.json").exists():
-        raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
-    check_adapter_fits(a, base, trust_remote_code)
-
-
-def attach_adapter(model: Any, adapter: str, base: str) -> Any:
-    """peft's own loading; call check_adapter first (it names what does not fit, peft may not)."""
-    from peft import PeftModel
-
-    a = Path(adapter)
-    try:
-        return PeftModel.from_pretrained(model, str(a))
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
-        raise ModelError(f"adapter {a} does not fit base model {base}: {detail[:240]}") from None
 
 
 def conversation(history: Sequence[tuple[str, str]], question: str, system: str | None) -> Conversation:
