@@ -315,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export_app(args: argparse.Namespace) -> int:
-    from tunelab.infer.app import export_app
+    from tunelab.export.app import export_app
 
     export_app(args.model, Path(args.out), adapter=args.adapter, template=args.prompt_template, system=args.system,
                hub_id=args.hub_id, overwrite=args.overwrite)

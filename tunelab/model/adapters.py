@@ -113,14 +113,16 @@ def check_adapter_fits(adapter: Path, base: str, trust_remote_code: bool = False
         raise ModelError(f"adapter {adapter} does not fit base model {base}: {problem}")
 
 
-def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
-    """An adapter folder that exists, is peft's, and fits `base` (a clear error line otherwise)."""
+def check_adapter(adapter: str | Path, base: str | None, trust_remote_code: bool = False) -> None:
+    """An adapter folder that exists, is peft's, and fits `base` (a clear error line otherwise). `base` None:
+    the base is a hub id that is not fetched here, so only the folder is checked."""
     a = Path(adapter)
     if not a.exists():
         raise ModelError(f"adapter folder not found: {a}")
-    if not (a / "adapter_config.json").exists():
+    if not (a / "adapter_config.json").is_file():
         raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
-    check_adapter_fits(a, base, trust_remote_code)
+    if base is not None:
+        check_adapter_fits(a, base, trust_remote_code)
 
 
 def attach_adapter(model: Any, adapter: str, base: str) -> Any:
