@@ -246,7 +246,7 @@ def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> No
     requests), and each answer equals the one the same request gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tunelab.infer import api as api_module
+    from tunelab.infer.api import routes as api_module
     from tunelab.infer.api import build_api
     from tunelab.model.generate import GenerationOptions
 
