@@ -298,7 +298,7 @@ def _load_for_serving(args: argparse.Namespace):
 def cmd_web(args: argparse.Namespace) -> int:
     import gradio  # noqa: F401  (a missing package is reported before the slow model load)
 
-    from tunelab.infer.api import ensure_port_free
+    from tunelab.infer.ports import ensure_port_free
     from tunelab.infer.web import serve_web
 
     ensure_port_free(args.host, args.port)  # before the (slow) model load
@@ -307,7 +307,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunelab.infer.api import ensure_port_free, serve_api
+    from tunelab.infer.api.server import serve_api
+    from tunelab.infer.ports import ensure_port_free
 
     ensure_port_free(args.host, args.port)  # before the (slow) model load
     return serve_api(_load_for_serving(args), host=args.host, port=args.port, system=args.system,

@@ -1,58 +1,18 @@
-"""The OpenAI-compatible API, driven by the official `openai` client and raw HTTP on loopback: whole and streamed
-answers, usage counts, stop words, seeds, models, malformed and oversized requests, a bounded load test, and the
-`tunelab serve` command's port-in-use error."""
+"""The OpenAI-compatible routes, driven by the official `openai` client and raw HTTP on loopback: whole and
+streamed answers, usage counts, stop words, seeds, models, unknown routes, too long prompts, a bounded load
+test, and the counters /health shows."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import ROOT
-from tests.infer.support import assert_port_in_use_error, api_in_thread
-
-QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def real_chat(default_model_dir: Path):
-    from tunelab.model.generate import load_chat_model
-
-    return load_chat_model(str(default_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def base_url(real_chat):
-    from tunelab.infer.api import build_api
-    from tunelab.model.generate import GenerationOptions
-
-    app = build_api(real_chat, system=None, defaults=GenerationOptions(max_new_tokens=64), model_name="smol-test")
-    with api_in_thread(app) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def tiny_url(tiny_model_dir: Path):
-    """A server on the tiny model (context 512), for the context-length cases."""
-    from tunelab.infer.api import build_api
-    from tunelab.model.generate import GenerationOptions, load_chat_model
-
-    chat = load_chat_model(str(tiny_model_dir), device="cpu")
-    with api_in_thread(build_api(chat, defaults=GenerationOptions(max_new_tokens=16))) as base:
-        yield base
-
-
-@pytest.fixture()
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def ask(client: openai.OpenAI, content: str = QUESTION, **kw):
-    return client.chat.completions.create(model="smol-test", messages=[{"role": "user", "content": content}], **kw)
+from tests.infer.api.conftest import QUESTION, ask
 
 
 def test_models_list(client: openai.OpenAI) -> None:
@@ -158,50 +118,6 @@ def test_system_and_history_messages(client: openai.OpenAI, real_chat) -> None:
     assert r.usage.prompt_tokens == want[1]
 
 
-@pytest.mark.parametrize("payload, status, param, code", [
-    (b"{not json", 400, None, "invalid_json"),
-    (b"[1, 2]", 400, None, "invalid_type"),
-    (b'{"model": "x"}', 400, "messages", "missing_required_parameter"),
-    (b'{"messages": []}', 400, "messages", "invalid_value"),
-    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages[0].role", "invalid_value"),
-    (b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "messages[0].role", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content", "invalid_type"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature",
-     "invalid_type"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 7}', 400, "temperature", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}', 400, "stop", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream", "invalid_type"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),  # nested deeper than the parser's stack
-    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, None, "invalid_value"),  # lone surrogate
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "' + b"x" * 3000 + b'"}', 400, "stop",
-     "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": "no"}}',
-     400, "stream_options.include_usage", "invalid_type"),
-])
-def test_malformed_requests_get_openai_errors(base_url: str, payload: bytes, status: int, param, code) -> None:
-    r = httpx.post(base_url + "/v1/chat/completions", content=payload, timeout=60, trust_env=False,
-                   headers={"content-type": "application/json"})
-    assert r.status_code == status
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
-    assert err["message"]
-
-
-def test_client_sees_bad_request(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="smol-test", messages=[], max_tokens=4)
-    assert e.value.status_code == 400 and e.value.body["param"] == "messages"
-
-
-def test_oversized_body_is_413(base_url: str) -> None:
-    big = json.dumps({"messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}).encode()
-    r = httpx.post(base_url + "/v1/chat/completions", content=big, timeout=60, trust_env=False)
-    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-
-
 def test_unknown_route_and_method(base_url: str) -> None:
     r = httpx.get(base_url + "/v1/nothing", timeout=30, trust_env=False)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
@@ -237,79 +153,14 @@ def test_bounded_load_zero_failures(base_url: str) -> None:
     assert 0 < result["p50_s"] <= result["p95_s"] <= result["max_s"]
 
 
-def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
-    assert_port_in_use_error("serve", tiny_model_dir)
+def test_health_counts_answers_and_tokens(base_url: str, client: openai.OpenAI) -> None:
+    def health() -> dict:
+        return httpx.get(base_url + "/health", timeout=30, trust_env=False).json()
 
-
-def test_queued_greedy_requests_are_batched_and_answer_as_alone(real_chat) -> None:
-    """Eight requests in flight at once: the batcher answers the queued ones together (fewer model calls than
-    requests), and each answer equals the one the same request gets alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tunelab.infer.api import routes as api_module
-    from tunelab.infer.api import build_api
-    from tunelab.model.generate import GenerationOptions
-
-    calls: list[int] = []
-    real_many = api_module.generate_many
-
-    def counting(chat, convs, opts, batch_size=16):
-        calls.append(len(convs))
-        return real_many(chat, convs, opts, batch_size)
-
-    api_module.generate_many = counting
-    try:
-        app = build_api(real_chat, defaults=GenerationOptions(max_new_tokens=12), max_batch=8)
-        with api_in_thread(app) as base:
-            body = {"model": "m", "temperature": 0, "max_tokens": 12,
-                    "messages": [{"role": "user", "content": QUESTION}]}
-            alone = httpx.post(base + "/v1/chat/completions", json=body, timeout=300, trust_env=False).json()
-            calls.clear()
-            with ThreadPoolExecutor(8) as pool:
-                answers = list(pool.map(lambda _: httpx.post(base + "/v1/chat/completions", json=body, timeout=300,
-                                                             trust_env=False).json(), range(8)))
-    finally:
-        api_module.generate_many = real_many
-    want = alone["choices"][0]["message"]["content"]
-    assert all(a["choices"][0]["message"]["content"] == want for a in answers)
-    assert all(a["usage"] == alone["usage"] for a in answers)
-    assert sum(calls) == 8 and len(calls) < 8 and max(calls) > 1, calls
-
-
-def test_finish_reason_is_stop_when_the_end_token_is_the_last_allowed_one(real_chat) -> None:
-    from tunelab.model.generate import GenerationOptions, StreamStats, conversation, generate_many, generate_stream
-
-    conv = conversation([], QUESTION, None)
-    free = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=64))[0]
-    n = free.completion_tokens  # the answer's tokens, its end-of-turn token included
-    assert free.finish_reason == "stop" and n < 64
-    for limit, reason in ((n, "stop"), (n - 1, "length")):
-        whole = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=limit))[0]
-        stats = StreamStats()
-        "".join(generate_stream(real_chat, conv, GenerationOptions(max_new_tokens=limit), stats))
-        assert (whole.finish_reason, stats.finish_reason) == (reason, reason), limit
-        assert whole.completion_tokens == stats.completion_tokens == limit
-
-
-def test_batcher_serves_streams_in_line_and_survives_a_cancelled_request(tiny_model_dir: Path) -> None:
-    import time
-
-    from tunelab.infer.api import Batcher
-    from tunelab.model.generate import GenerationOptions, conversation, load_chat_model
-
-    chat = load_chat_model(str(tiny_model_dir), device="cpu")
-    opts = GenerationOptions(max_new_tokens=4)
-    conv = conversation([], "hello", None)
-    batcher = Batcher(chat, max_batch=1)
-    place = batcher.reserve_stream()  # a streamed request arrived first
-    later = batcher.submit(conv, opts)
-    assert place.turn.wait(10)
-    time.sleep(0.5)
-    assert not later.done()  # it waits for the stream that came before it
-    place.done.set()
-    assert later.result(timeout=60).completion_tokens >= 1
-
-    first, gone = batcher.submit(conv, opts), batcher.submit(conv, opts)
-    assert gone.cancel()  # its caller gave up while it was queued
-    assert first.result(timeout=60).completion_tokens >= 1
-    assert batcher.submit(conv, opts).result(timeout=60).completion_tokens >= 1  # the worker still serves
+    before = health()
+    r = ask(client, max_tokens=5, temperature=0)
+    after = health()
+    assert (after["status"], after["model"]) == ("ok", "smol-test")
+    assert after["answered"] == before["answered"] + 1 and after["cancelled"] == before["cancelled"]
+    assert after["completion_tokens"] == before["completion_tokens"] + r.usage.completion_tokens
+    assert after["running"] == after["queued"] == 0

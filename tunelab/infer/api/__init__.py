@@ -1,5 +1,6 @@
-"""`tunelab serve`: an OpenAI-compatible HTTP API in front of the generation core (routes.py, split next)."""
+"""`tunelab serve`: an OpenAI-compatible HTTP API in front of the generation core.
 
-from tunelab.infer.api.routes import Batcher, _bind, build_api, ensure_port_free, serve_api
-
-__all__ = ["Batcher", "_bind", "build_api", "ensure_port_free", "serve_api"]
+requests.py reads a chat completion request (OpenAI's parameters and errors; the messages through
+data/formats); batcher.py answers requests in arrival order on one worker thread, batching queued greedy ones;
+stream.py turns a streamed answer into server-sent events; routes.py is the FastAPI app; server.py binds it.
+"""
