@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunelab.data.dataset import list_sources, read_source
 from tunelab.data.formats import Conversation, Document, RecordError, Sample, source_format, to_sample
+from tunelab.data.sources import list_sources, read_source
 from tunelab.errors import DataError, OutputExistsError
 
 
