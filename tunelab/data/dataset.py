@@ -68,6 +68,13 @@ class PreparedData:
     from_cache: bool
     cache_dir: Path | None
 
+    def summary(self) -> dict:
+        """What `tunelab data prepare` prints."""
+        s = self.stats
+        return {"rows": s.rows, "samples": s.samples, "tokens": s.tokens, "seconds": round(s.seconds, 3),
+                "tokens_per_s": round(s.tokens / s.seconds) if s.seconds else None, "from_cache": self.from_cache,
+                "cache": str(self.cache_dir)}
+
 
 # ---------------------------------------------------------------------------------------------- converting
 

@@ -29,6 +29,16 @@ class SelfCognitionReport:
     def degenerate(self, part: str) -> int:
         return sum(bool(r["degenerate"]) for r in getattr(self, part))
 
+    def summary(self) -> dict:
+        return {"identity_rate": self.identity_rate, "general_rate": self.general_rate,
+                "identity_questions": len(self.identity), "general_questions": len(self.general),
+                "identity_degenerate": self.degenerate("identity"), "general_degenerate": self.degenerate("general")}
+
+    def lines(self) -> list[str]:
+        """Every question and answer, marked ok or FAIL (with why, for a degenerate answer)."""
+        return [f"[{'ok' if r['ok'] else 'FAIL'}{': ' + r['degenerate'] if r['degenerate'] else ''}] "
+                f"{r['question']} -> {r['answer']}" for r in self.identity + self.general]
+
 
 def names_owner(answer: str, name: str) -> bool:
     """The name as a whole word ("Ada" is not found in "Canada"); CJK text around it is fine."""

@@ -108,8 +108,8 @@ def _cancellable(events: Sequence[threading.Event]) -> Any:
 
 
 def _generate_kwargs(chat: ChatModel, opts: GenerationOptions) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, pad_token_id=chat.tokenizer.pad_token_id,
-                              repetition_penalty=opts.repetition_penalty, use_cache=True)
+    kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "pad_token_id": chat.tokenizer.pad_token_id,
+                          "repetition_penalty": opts.repetition_penalty, "use_cache": True}
     # template stop words that are not one token are matched as text, like the user's
     stop_ids, multi_token = stop_token_ids(chat.tokenizer, chat.stop_words)
     eos = {chat.tokenizer.eos_token_id, *stop_ids}
