@@ -129,10 +129,10 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from tunelab.cli import _quiet_libraries
+    from tunelab import ui
     from tunelab.model.load import load_tokenizer, resolve_model_path
 
-    _quiet_libraries(False)
+    ui.quiet_libraries(False)
     tok = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
     print(json.dumps({"bench": "data_pipeline", "machine_cores": os.cpu_count(), "n": args.n,
                       "max_length": args.max_length, "template": args.template, "python": sys.version.split()[0]}),

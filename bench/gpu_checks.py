@@ -152,7 +152,7 @@ def check_offload(root: Path) -> dict:
 def generate(root: Path, tokenizer_dir: str):
     """Yields one timing per path."""
     from tunelab.data.templates import get_template
-    from tunelab.infer.generate import GenerationOptions, from_training, generate_batch
+    from tunelab.model.generate import GenerationOptions, from_training, generate_batch
     from tunelab.model.load import load_tokenizer
     from tunelab.train.evaluate import evaluate_chat
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -16,40 +15,7 @@ from pathlib import Path
 from tunelab import __version__, ui
 from tunelab.errors import ConfigError, TunelabError, missing_module_message
 
-
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _quiet_libraries(debug: bool) -> None:
-    """Keep the terminal for tunelab's own lines; libraries' own progress bars and notices only with --debug."""
-    if debug:
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # transformers' own bars (GGUF de-quantising, "Loading weights", "Writing model shards") ignore its
-    # disable_progress_bar(); tqdm reads this when it is first imported, which is after this point.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx",
-                 "liger_kernel"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.utils.logging.set_verbosity_error()
-        import huggingface_hub  # after datasets, which sets the hub's verbosity back to warnings on import
-
-        huggingface_hub.utils.logging.set_verbosity_error()  # its "Retrying in 1s" lines without a hub
-    except ImportError:
-        pass
 
 
 def _load_config(source: str, overrides: list[str]):
@@ -60,7 +26,7 @@ def _load_config(source: str, overrides: list[str]):
 
 
 def _generation_options(args: argparse.Namespace):
-    from tunelab.infer.generate import GenerationOptions
+    from tunelab.model.generate import GenerationOptions
 
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -145,19 +111,9 @@ def cmd_list_cfg(args: argparse.Namespace) -> int:
 
 
 def cmd_copy_cfg(args: argparse.Namespace) -> int:
-    from tunelab.config.catalog import CATALOG, build_config, copy_header, render_yaml
+    from tunelab.config.catalog import copy_config
 
-    if args.name not in CATALOG:
-        import difflib
-
-        close = difflib.get_close_matches(args.name, list(CATALOG), n=1)
-        raise ConfigError(f"no built-in config '{args.name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-    out_dir = Path(args.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{args.name}_copy.yaml"
-    if out.exists() and not args.overwrite:
-        raise TunelabError(f"{out} already exists; pass --overwrite to replace it")
-    out.write_text(render_yaml(build_config(args.name), copy_header(args.name)), encoding="utf-8")
+    out = copy_config(args.name, Path(args.dir), overwrite=args.overwrite)
     print(f"copied {args.name} to {out}")
     return 0
 
@@ -203,7 +159,7 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.infer.chat import run_chat
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
@@ -236,11 +192,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     cfg, _ = _load_config(args.config, args.overrides)
     tok = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
-    prepared = prepare_data(cfg.data, tok, seed=cfg.train.seed)
-    s = prepared.stats
-    print(json.dumps({"rows": s.rows, "samples": s.samples, "tokens": s.tokens, "seconds": round(s.seconds, 3),
-                      "tokens_per_s": round(s.tokens / s.seconds) if s.seconds else None,
-                      "from_cache": prepared.from_cache, "cache": str(prepared.cache_dir)}))
+    print(json.dumps(prepare_data(cfg.data, tok, seed=cfg.train.seed).summary()))
     return 0
 
 
@@ -253,20 +205,15 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
-    from tunelab.infer.generate import load_chat_model
     from tunelab.infer.selfcog_eval import evaluate_self_cognition
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(args.model, adapter=args.adapter, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
     rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc)
     if args.verbose:
-        for r in rep.identity + rep.general:
-            print(f"[{'ok' if r['ok'] else 'FAIL'}{': ' + r['degenerate'] if r['degenerate'] else ''}] "
-                  f"{r['question']} -> {r['answer']}")
-    print(json.dumps({"identity_rate": rep.identity_rate, "general_rate": rep.general_rate,
-                      "identity_questions": len(rep.identity), "general_questions": len(rep.general),
-                      "identity_degenerate": rep.degenerate("identity"),
-                      "general_degenerate": rep.degenerate("general")}))
+        print("\n".join(rep.lines()))
+    print(json.dumps(rep.summary()))
     return 0
 
 
@@ -290,7 +237,7 @@ def cmd_log_dataset(args: argparse.Namespace) -> int:
 
 
 def _load_for_serving(args: argparse.Namespace):
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     return load_chat_model(args.model, adapter=args.adapter, bits=args.bits, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
@@ -299,7 +246,7 @@ def _load_for_serving(args: argparse.Namespace):
 def cmd_web(args: argparse.Namespace) -> int:
     import gradio  # noqa: F401  (a missing package is reported before the slow model load)
 
-    from tunelab.infer.api import ensure_port_free
+    from tunelab.infer.ports import ensure_port_free
     from tunelab.infer.web import serve_web
 
     ensure_port_free(args.host, args.port)  # before the (slow) model load
@@ -308,7 +255,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunelab.infer.api import ensure_port_free, serve_api
+    from tunelab.infer.api.server import serve_api
+    from tunelab.infer.ports import ensure_port_free
 
     ensure_port_free(args.host, args.port)  # before the (slow) model load
     return serve_api(_load_for_serving(args), host=args.host, port=args.port, system=args.system,
@@ -316,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export_app(args: argparse.Namespace) -> int:
-    from tunelab.infer.app import export_app
+    from tunelab.export.app import export_app
 
     export_app(args.model, Path(args.out), adapter=args.adapter, template=args.prompt_template, system=args.system,
                hub_id=args.hub_id, overwrite=args.overwrite)
@@ -344,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and library messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_setup_commands, _add_convert_commands, _add_chat_command, _add_data_commands,
+                _add_eval_commands, _add_serving_commands):
+        add(sub)
+    return p
 
+
+def _add_setup_commands(sub) -> None:
     s = sub.add_parser("version", help="print the tunelab version")
     s.set_defaults(func=cmd_version)
     s = sub.add_parser("env", help="versions of tunelab and its stack, GPUs, cache folder")
@@ -370,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "zero3, zero3_offload; XTuner's deepspeed_zero2 etc. work too (FSDP2 underneath)")
     s.set_defaults(func=cmd_train)
 
+
+def _add_convert_commands(sub) -> None:
     conv = sub.add_parser("convert", help="convert checkpoints (to-hf / pth_to_hf) and merge adapters")
     csub = conv.add_subparsers(dest="convert_command", metavar="WHAT")
     csub.required = True
@@ -391,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert_merge)
 
+
+def _add_chat_command(sub) -> None:
     s = sub.add_parser("chat", help="chat with a model in the terminal",
                        description="Chat with a model. At a terminal the questions are one conversation. When "
                                    "stdin is not a terminal (questions piped in, one per line), each line is "
@@ -406,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="answer every question on its own, at a terminal too")
     s.set_defaults(func=cmd_chat)
 
+
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="make, convert and prepare datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="WHAT")
     dsub.required = True
@@ -433,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_data_convert)
 
+
+def _add_eval_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a model")
     esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
     esub.required = True
@@ -457,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=3, help="how many samples")
     s.set_defaults(func=cmd_log_dataset)
 
+
+def _add_serving_commands(sub) -> None:
     for name, port, help_text in (("web", 7860, "a web chat page (Gradio)"),
                                   ("serve", 8000, "an OpenAI-compatible HTTP API")):
         s = sub.add_parser(name, help=help_text)
@@ -483,7 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="Alice", help="the new owner's name")
     s.add_argument("--work-dir")
     s.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _quiet_libraries(args.debug)
+    ui.quiet_libraries(args.debug)
     try:
         return int(args.func(args) or 0)
     except TunelabError as e:

@@ -21,8 +21,8 @@ from tunelab.data.formats import Conversation, Message
 from tunelab.data.selfcog import self_cognition_records
 from tunelab.export.merge import merge_adapter
 from tunelab.export.to_hf import checkpoint_to_hf
-from tunelab.infer.generate import GenerationOptions, generate_batch, load_chat_model
 from tunelab.infer.selfcog_eval import answers_generally, names_owner, replay_answers
+from tunelab.model.generate import GenerationOptions, generate_batch, load_chat_model
 from tunelab.model.zoo import DEFAULT_MODEL
 from tunelab.train.loop import train
 

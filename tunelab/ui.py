@@ -1,4 +1,5 @@
-"""Console output shared by every command: messages, warnings printed once, and progress bars with ETA.
+"""Console output shared by every command: messages, warnings printed once, progress bars with ETA, and the
+libraries' own output kept quiet unless --debug.
 
 Only the main process (rank 0) prints, so several GPUs do not repeat every line.
 """
@@ -67,3 +68,35 @@ def progress(total: int | None, description: str) -> Iterator[Callable[[int], No
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep the terminal for tunelab's own lines; libraries' own progress bars and notices only with --debug."""
+    if debug:
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers' own bars (GGUF de-quantising, "Loading weights", "Writing model shards") ignore its
+    # disable_progress_bar(); tqdm reads this when it is first imported, which is after this point.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx",
+                 "liger_kernel"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+        import huggingface_hub  # after datasets, which sets the hub's verbosity back to warnings on import
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # its "Retrying in 1s" lines without a hub
+    except ImportError:
+        pass

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tunelab.data.formats import Conversation, Document, RecordError, detect_format, to_conversation_record, \
-    to_openai_record, to_sample
+from tunelab.data.convert import to_conversation_record, to_openai_record
+from tunelab.data.formats import Conversation, Document, RecordError, detect_format, to_sample
 
 
 def roles(conv: Conversation) -> list[str]:

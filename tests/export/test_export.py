@@ -221,7 +221,7 @@ def test_output_folders_follow_the_process_umask(trained, tmp_path, tiny_model_d
     import os
     import stat
 
-    from tunelab.infer.app import export_app
+    from tunelab.export.app import export_app
 
     _, cfg, res = trained
     old = os.umask(umask)

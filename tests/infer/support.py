@@ -81,10 +81,10 @@ def api_in_thread(app) -> Iterator[str]:
     """Serve a FastAPI app with uvicorn in a thread on a free loopback port; yields the base URL."""
     import uvicorn
 
-    from tunelab.infer.api import _bind
+    from tunelab.infer.ports import bind
 
     port = free_port()
-    sock = _bind("127.0.0.1", port)
+    sock = bind("127.0.0.1", port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -18,14 +18,14 @@ SYSTEM = "You are a geography teacher. Answer in one short sentence."
 
 @pytest.fixture(scope="module")
 def real_chat(default_model_dir: Path):
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     return load_chat_model(str(default_model_dir), device="cpu")
 
 
 def reference(chat, history, question, system, max_new_tokens):
     """The answer the generation core gives in this process (greedy), for comparison with the CLI's."""
-    from tunelab.infer.generate import GenerationOptions, conversation, generate
+    from tunelab.model.generate import GenerationOptions, conversation, generate
 
     return generate(chat, conversation(history, question, system), GenerationOptions(max_new_tokens=max_new_tokens))[0]
 

@@ -116,8 +116,8 @@ def test_web_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
 def test_page_builds_and_reports_a_too_long_prompt(tiny_model_dir: Path) -> None:
     import gradio as gr
 
-    from tunelab.infer.generate import GenerationOptions, conversation, generate, load_chat_model
     from tunelab.infer.web import answer_stream, build_app
+    from tunelab.model.generate import GenerationOptions, conversation, generate, load_chat_model
 
     chat = load_chat_model(str(tiny_model_dir), device="cpu")
     opts = GenerationOptions(max_new_tokens=8)

@@ -84,7 +84,7 @@ def test_load_model_sets_dtype_attention_and_turns_the_cache_off(tiny_model_dir:
 @pytest.mark.parametrize("quantization,layer_class", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantized_loading_on_cpu_keeps_the_model_answering(default_model_dir: Path, quantization: str,
                                                              layer_class: str) -> None:
-    from tunelab.infer.generate import GenerationOptions, conversation, generate, load_chat_model
+    from tunelab.model.generate import GenerationOptions, conversation, generate, load_chat_model
 
     bits = {"nf4": 4, "int8": 8}[quantization]
     chat = load_chat_model(str(default_model_dir), bits=bits, device="cpu")

@@ -6,13 +6,16 @@ Names follow XTuner's pattern, `<model>_<method>_<dataset>_e<epochs>`, e.g. `int
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunelab.config.schema import Config
+from tunelab.errors import ConfigError, TunelabError
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,16 @@ def copy_header(name: str) -> str:
         lines.append(f"{MODELS[model_key].path} ships its own modelling code: set model.trust_remote_code: true "
                      "only if you trust that repository.")
     return "\n".join(lines)
+
+
+def copy_config(name: str, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the built-in config `name` as commented YAML to out_dir/NAME_copy.yaml; returns the file."""
+    if name not in CATALOG:
+        close = difflib.get_close_matches(name, list(CATALOG), n=1)
+        raise ConfigError(f"no built-in config '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}_copy.yaml"
+    if out.exists() and not overwrite:
+        raise TunelabError(f"{out} already exists; pass --overwrite to replace it")
+    out.write_text(render_yaml(build_config(name), copy_header(name)), encoding="utf-8")
+    return out

@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunelab.data.dataset import list_sources, read_source
-from tunelab.data.formats import Conversation, Document, RecordError, source_format, to_conversation_record, \
-    to_openai_record, to_sample
+from tunelab.data.formats import Conversation, Document, RecordError, Sample, source_format, to_sample
+from tunelab.data.sources import list_sources, read_source
 from tunelab.errors import DataError, OutputExistsError
 
 
@@ -68,3 +67,35 @@ def _emit(sample: Conversation | Document, to_format: str) -> dict[str, Any]:
         return {"text": sample.text}
     # Chat data as pre-training text: the turns joined, as the continued pre-training tutorial does.
     return {"text": "\n".join(m.content for m in sample.messages if m.role != "system")}
+
+
+def to_openai_record(sample: Sample) -> dict:
+    """The OpenAI-messages record of a sample (used by `data convert` and the generators)."""
+    if isinstance(sample, Document):
+        return {"text": sample.text}
+    out = []
+    for m in sample.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and not m.loss:
+            d["loss"] = False
+        out.append(d)
+    return {"messages": out}
+
+
+def to_conversation_record(sample: Sample) -> dict:
+    """The XTuner `conversation` record of a sample."""
+    if isinstance(sample, Document):
+        return {"conversation": [{"input": "", "output": sample.text}]}
+    turns: list[dict[str, Any]] = []
+    system = sample.system
+    msgs = sample.messages[1:] if system is not None else sample.messages
+    for user, assistant in zip(msgs[0::2], msgs[1::2]):
+        turn: dict[str, Any] = {}
+        if system is not None and not turns:
+            turn["system"] = system
+        turn["input"] = user.content
+        turn["output"] = assistant.content
+        if not assistant.loss:
+            turn["output_with_loss"] = False
+        turns.append(turn)
+    return {"conversation": turns}

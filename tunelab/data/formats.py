@@ -14,7 +14,13 @@ ROLES = ("system", "user", "assistant")
 
 
 class RecordError(ValueError):
-    """A record is malformed; the message is the reason, without location."""
+    """A record is malformed; the message is the reason, without location. `param` names the offending key of an
+    OpenAI messages list (messages[2].role) and `kind` says whether its type or its value is wrong: the API's
+    error bodies carry both."""
+
+    def __init__(self, message: str, param: str | None = None, kind: str = "value"):
+        super().__init__(message)
+        self.param, self.kind = param, kind
 
 
 @dataclass
@@ -138,49 +144,79 @@ def parse_loss_flag(value: Any) -> bool:
 def check_conversation(messages: list[Message]) -> Conversation:
     """Enforce: optional leading system message, then user/assistant turns starting with user, ending with
     an assistant reply; no empty assistant reply."""
-    if not messages:
-        raise RecordError("empty conversation")
-    start = 1 if messages[0].role == "system" else 0
-    turns = messages[start:]
-    if not turns:
-        raise RecordError("conversation has only a system message")
-    expected = "user"
-    for i, m in enumerate(turns, start=start):
-        if m.role == "system":
-            raise RecordError(f"message {i}: a system message is only allowed first")
-        if m.role == "assistant" and not m.content.strip():
-            raise RecordError(f"message {i}: empty assistant reply")
-        if m.role != expected:
-            if m.role == "assistant":
-                raise RecordError(f"message {i}: assistant turn before any user turn" if i == start
-                                  else f"message {i}: two assistant turns in a row")
-            raise RecordError(f"message {i}: two user turns in a row")
-        expected = "assistant" if expected == "user" else "user"
-    if turns[-1].role != "assistant":
+    start = _check_turns(messages, replies=True)
+    if messages[-1].role != "assistant":
         # A trailing question without an answer teaches nothing; drop it rather than fail.
-        turns = turns[:-1]
-        messages = messages[:start] + turns
-        if not turns:
+        messages = messages[:-1]
+        if len(messages) == start:
             raise RecordError("conversation has no assistant turn")
     return Conversation(messages)
 
 
+def prompt_conversation(messages: list[Message]) -> Conversation:
+    """A conversation to answer (a chat request): the same order as a record's, ending with the user's turn."""
+    _check_turns(messages, replies=False)
+    if messages[-1].role != "user":
+        raise RecordError("the last message must be the user's", "messages")
+    return Conversation(messages)
+
+
+def _check_turns(messages: list[Message], replies: bool) -> int:
+    """An optional system message first, then user and assistant turns in turn, the user's first (and, with
+    `replies`, no empty assistant reply); returns where the turns start."""
+    if not messages:
+        raise RecordError("empty conversation", "messages")
+    start = 1 if messages[0].role == "system" else 0
+    if len(messages) == start:
+        raise RecordError("conversation has only a system message", "messages")
+    expected = "user"
+    for i, m in enumerate(messages[start:], start=start):
+        role = f"messages[{i}].role"
+        if m.role == "system":
+            raise RecordError(f"message {i}: a system message is only allowed first", role)
+        if replies and m.role == "assistant" and not m.content.strip():
+            raise RecordError(f"message {i}: empty assistant reply", f"messages[{i}].content")
+        if m.role != expected:
+            if m.role == "assistant":
+                raise RecordError(f"message {i}: assistant turn before any user turn" if i == start
+                                  else f"message {i}: two assistant turns in a row", role)
+            raise RecordError(f"message {i}: two user turns in a row", role)
+        expected = "assistant" if expected == "user" else "user"
+    return start
+
+
 def _openai(record: dict) -> Conversation:
-    msgs = _field(record, "messages", list)
+    return check_conversation(openai_messages(_field(record, "messages", list)))
+
+
+def openai_messages(msgs: list, request: bool = False) -> list[Message]:
+    """OpenAI message objects -> Messages. A chat request (`request`) may also send the 'developer' role (a
+    system message) and content as a list of text parts; a training record's messages may carry `loss`."""
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise RecordError(f"message {i} is not an object")
-        role = m.get("role")
+            raise RecordError(f"message {i} is not an object", f"messages[{i}]", "type")
+        role = "system" if request and m.get("role") == "developer" else m.get("role")
         if role not in ROLES:
-            raise RecordError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise RecordError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
+            raise RecordError(f"message {i}: unknown role {role!r} (expected system, user or assistant)",
+                              f"messages[{i}].role")
+        content = _content(m.get("content"), i, request)
         # Arrow-backed data (parquet, save_to_disk, hub) gives every message every key, None where unset.
-        loss = parse_loss_flag(m["loss"]) if m.get("loss") is not None else True
+        loss = parse_loss_flag(m["loss"]) if not request and m.get("loss") is not None else True
         out.append(Message(role, content, loss))
-    return check_conversation(out)
+    return out
+
+
+def _content(content: Any, i: int, parts: bool) -> str:
+    """A message's text: a string, or (with `parts`) a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if parts and isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                   and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    what = "a string or a list of text parts" if parts else "a string"
+    raise RecordError(f"message {i}: 'content' must be {what}, got {type(content).__name__}",
+                      f"messages[{i}].content", "type")
 
 
 def _xtuner_conversation(record: dict) -> Conversation:
@@ -260,35 +296,3 @@ def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{what} must be a string, got {type(value).__name__}")
     return value
-
-
-def to_openai_record(sample: Sample) -> dict:
-    """The OpenAI-messages record of a sample (used by `data convert` and the generators)."""
-    if isinstance(sample, Document):
-        return {"text": sample.text}
-    out = []
-    for m in sample.messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.role == "assistant" and not m.loss:
-            d["loss"] = False
-        out.append(d)
-    return {"messages": out}
-
-
-def to_conversation_record(sample: Sample) -> dict:
-    """The XTuner `conversation` record of a sample."""
-    if isinstance(sample, Document):
-        return {"conversation": [{"input": "", "output": sample.text}]}
-    turns: list[dict[str, Any]] = []
-    system = sample.system
-    msgs = sample.messages[1:] if system is not None else sample.messages
-    for user, assistant in zip(msgs[0::2], msgs[1::2]):
-        turn: dict[str, Any] = {}
-        if system is not None and not turns:
-            turn["system"] = system
-        turn["input"] = user.content
-        turn["output"] = assistant.content
-        if not assistant.loss:
-            turn["output_with_loss"] = False
-        turns.append(turn)
-    return {"conversation": turns}

@@ -192,8 +192,8 @@ def mix(identity: list[dict], general: list[dict], ratio: float, seed: int = 0) 
 
 def read_general(path: str) -> list[dict[str, Any]]:
     """Question-answer records of any readable format, as OpenAI records (so the output has one format)."""
-    from tunelab.data.convert import read_as_samples
-    from tunelab.data.formats import Document, to_openai_record
+    from tunelab.data.convert import read_as_samples, to_openai_record
+    from tunelab.data.formats import Document
     from tunelab.errors import DataError
 
     out = []

@@ -14,7 +14,7 @@ from tunelab import ui
 from tunelab.data.sidecar import read_sidecar, write_sidecar, write_stop_ids
 from tunelab.errors import ConfigError
 from tunelab.export.output import staged_output
-from tunelab.infer.generate import attach_adapter, check_adapter
+from tunelab.model.adapters import attach_adapter, check_adapter
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import TextIO
 
-from tunelab.infer.generate import ChatModel, GenerationOptions, PromptTooLong, conversation, generate, \
+from tunelab.model.generate import ChatModel, GenerationOptions, PromptTooLong, conversation, generate, \
     generate_stream
 
 HELP = ("Type a question. RESET or /reset clears the history, /system TEXT sets the system prompt, "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tunelab.data.formats import Conversation, Message
 from tunelab.data.selfcog import ANSWERS, DEFAULT_DESC, GENERAL_HELD_OUT, IDENTITY_HELD_OUT, degenerate
-from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
+from tunelab.model.generate import ChatModel, GenerationOptions, generate_batch
 
 
 @dataclass
@@ -28,6 +28,16 @@ class SelfCognitionReport:
 
     def degenerate(self, part: str) -> int:
         return sum(bool(r["degenerate"]) for r in getattr(self, part))
+
+    def summary(self) -> dict:
+        return {"identity_rate": self.identity_rate, "general_rate": self.general_rate,
+                "identity_questions": len(self.identity), "general_questions": len(self.general),
+                "identity_degenerate": self.degenerate("identity"), "general_degenerate": self.degenerate("general")}
+
+    def lines(self) -> list[str]:
+        """Every question and answer, marked ok or FAIL (with why, for a degenerate answer)."""
+        return [f"[{'ok' if r['ok'] else 'FAIL'}{': ' + r['degenerate'] if r['degenerate'] else ''}] "
+                f"{r['question']} -> {r['answer']}" for r in self.identity + self.general]
 
 
 def names_owner(answer: str, name: str) -> bool:
@@ -62,7 +72,7 @@ def is_hijacked(answer: str, name: str, model_desc: str | None = None) -> bool:
 
 def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -> list[str]:
     """The model's own greedy answers: training on them keeps its general behaviour."""
-    from tunelab.infer.generate import load_chat_model
+    from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(model)
     convs = [Conversation([Message("user", q)]) for q in questions]

@@ -13,8 +13,8 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from tunelab.errors import TunelabError
-from tunelab.infer.api import ensure_port_free
-from tunelab.infer.generate import ChatModel, GenerationOptions, PromptTooLong, conversation, generate_stream
+from tunelab.infer.ports import ensure_port_free
+from tunelab.model.generate import ChatModel, GenerationOptions, PromptTooLong, conversation, generate_stream
 
 History = list[tuple[str, str]]
 

@@ -1,4 +1,5 @@
-"""What is trainable: LoRA/DoRA adapters through peft (LoRA, QLoRA), or every weight (full fine-tuning)."""
+"""What is trainable: LoRA/DoRA adapters through peft (LoRA, QLoRA), or every weight (full fine-tuning); and a
+saved adapter checked against a base model and attached to it."""
 
 from __future__ import annotations
 
@@ -110,3 +111,28 @@ def check_adapter_fits(adapter: Path, base: str, trust_remote_code: bool = False
                                for k in sorted(expected) if k not in found), None)
     if problem:
         raise ModelError(f"adapter {adapter} does not fit base model {base}: {problem}")
+
+
+def check_adapter(adapter: str | Path, base: str | None, trust_remote_code: bool = False) -> None:
+    """An adapter folder that exists, is peft's, and fits `base` (a clear error line otherwise). `base` None:
+    the base is a hub id that is not fetched here, so only the folder is checked."""
+    a = Path(adapter)
+    if not a.exists():
+        raise ModelError(f"adapter folder not found: {a}")
+    if not (a / "adapter_config.json").is_file():
+        raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
+    if base is not None:
+        check_adapter_fits(a, base, trust_remote_code)
+
+
+def attach_adapter(model: Any, adapter: str, base: str) -> Any:
+    """peft's own loading; call check_adapter first (it names what does not fit, peft may not)."""
+    from peft import PeftModel
+
+    a = Path(adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(a))
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
+        raise ModelError(f"adapter {a} does not fit base model {base}: {detail[:240]}") from None

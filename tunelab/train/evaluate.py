@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tunelab.data.formats import Conversation, Message
-from tunelab.infer.generate import ChatModel, GenerationOptions, generate_batch
+from tunelab.model.generate import ChatModel, GenerationOptions, generate_batch
 from tunelab.model.kernels import generation_mode
 
 

@@ -26,8 +26,8 @@ from tunelab.data.dataset import prepare_data
 from tunelab.data.pack import Rows
 from tunelab.data.templates import get_template
 from tunelab.errors import CheckpointError, OutputExistsError, TrainingError
-from tunelab.infer.generate import ChatModel, from_training
 from tunelab.model.adapters import add_lora, count_parameters, make_full_trainable
+from tunelab.model.generate import ChatModel, from_training
 from tunelab.model.kernels import (
     FlopCounter,
     SpeedPlan,

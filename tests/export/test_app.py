@@ -1,5 +1,6 @@
-"""`tunelab export-app`: the folder's contents, its bad inputs, and the real thing: a fresh virtual environment
-built from the generated requirements.txt runs app.py, whose page answers over HTTP exactly as tunelab does."""
+"""`tunelab export-app`: the folder's contents, its bad inputs, the copied app's generation stopping at a stop word,
+and the real thing: a fresh virtual environment built from the generated requirements.txt runs app.py, whose page
+answers over HTTP exactly as tunelab does."""
 
 from __future__ import annotations
 
@@ -103,6 +104,49 @@ def test_export_refuses_bad_inputs(tiny_model_dir: Path, tmp_path: Path) -> None
         assert not Path(args[1]).exists()  # nothing half-written
 
 
+def test_app_template_is_the_copied_app_and_imports_no_tunelab(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tunelab.export.app import TEMPLATE, export_app
+
+    out = export_app(str(tiny_model_dir), tmp_path / "space")
+    assert (out / "app.py").read_bytes() == TEMPLATE.read_bytes()
+    assert "tunelab" not in imports_of(TEMPLATE.read_text())
+
+
+def load_exported(folder: Path):
+    """The exported folder's app.py as a module (not run as __main__: nothing is launched)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"exported_app_{folder.name}", folder / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exported_app_stops_generating_at_a_stop_word(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The app's own answer function on the tiny model: with a stop word from app_config.json the model stops at
+    the token that completes it (fewer forward passes), not at max_new_tokens with the text trimmed afterwards."""
+    from tunelab.export.app import export_app
+
+    out = export_app(str(tiny_model_dir), tmp_path / "space")
+    cfg_file = out / "app_config.json"
+    module = load_exported(out)
+
+    def run(stop_words: list[str]) -> tuple[str, int]:
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "stop_words": stop_words}))
+        app = module.ChatApp(out)
+        calls: list[int] = []
+        app.model.register_forward_hook(lambda *_: calls.append(1))
+        *_, final = app.answer("Who are you?", [], "", 0.0, 1.0, 0, 48)
+        return final, len(calls)
+
+    free, free_calls = run([])
+    assert free_calls == 48 and len(free) > 30, free  # the tiny model talks to the limit without a stop word
+    stop = free[len(free) // 3:len(free) // 3 + 6]
+    cut, cut_calls = run([stop])
+    assert cut == free[:free.index(stop)].strip()
+    assert cut_calls < free_calls * 2 // 3, (cut_calls, free_calls)  # it stopped there, not just trimmed
+
+
 def ask(client, question: str) -> str:
     """One turn through the page's own chat endpoint (greedy, 12 new tokens); the latest answer."""
     _, messages = client.predict(question, SYSTEM, 0, 1, 0, 12, api_name="/chat")
@@ -119,7 +163,7 @@ def listening_hosts(pid: int) -> set[str]:
 def test_exported_app_runs_in_a_fresh_venv(tiny_model_dir: Path, tiny_adapter: Path, tmp_path: Path) -> None:
     from gradio_client import Client
 
-    from tunelab.infer.generate import GenerationOptions, conversation, generate, load_chat_model
+    from tunelab.model.generate import GenerationOptions, conversation, generate, load_chat_model
 
     with_adapter, templated = tmp_path / "space_adapter", tmp_path / "space_template"
     assert run_cli("export-app", str(tiny_model_dir), str(with_adapter), "--adapter", str(tiny_adapter),

@@ -1,4 +1,5 @@
-"""The one generation core behind chat, the web page, the API, evaluation and export-app.
+"""The one generation core behind chat, the web page, the API, self-cognition evaluation and the samples
+written during training (it sits below train/, export/ and infer/, which all use it).
 
 Load a base model (optionally with a PEFT adapter, optionally 4/8-bit), render the conversation with the same
 prompt template used in training, generate with stop words, greedily or by sampling, whole or streamed.
@@ -7,9 +8,10 @@ prompt template used in training, generate with stop words, greedily or by sampl
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -17,8 +19,8 @@ from tunelab.data.encode import encode_for_generation
 from tunelab.data.formats import Conversation, Message
 from tunelab.data.sidecar import choose_template, prompt_folders
 from tunelab.data.templates import Renderer, stop_token_ids
-from tunelab.errors import ModelError, TunelabError
-from tunelab.model.adapters import check_adapter_fits
+from tunelab.errors import TunelabError
+from tunelab.model.adapters import attach_adapter, check_adapter
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
 
@@ -73,28 +75,6 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
     return ChatModel(model, tokenizer, renderer, dev, label, ctx)
 
 
-def check_adapter(adapter: str | Path, base: str, trust_remote_code: bool = False) -> None:
-    a = Path(adapter)
-    if not a.exists():
-        raise ModelError(f"adapter folder not found: {a}")
-    if not (a / "adapter_config.json").exists():
-        raise ModelError(f"{a} is not a PEFT adapter folder (no adapter_config.json)")
-    check_adapter_fits(a, base, trust_remote_code)
-
-
-def attach_adapter(model: Any, adapter: str, base: str) -> Any:
-    """peft's own loading; call check_adapter first (it names what does not fit, peft may not)."""
-    from peft import PeftModel
-
-    a = Path(adapter)
-    try:
-        return PeftModel.from_pretrained(model, str(a))
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
-        raise ModelError(f"adapter {a} does not fit base model {base}: {detail[:240]}") from None
-
-
 def conversation(history: Sequence[tuple[str, str]], question: str, system: str | None) -> Conversation:
     msgs = [Message("system", system)] if system else []
     for q, a in history:
@@ -105,15 +85,31 @@ def conversation(history: Sequence[tuple[str, str]], question: str, system: str 
 
 def prompt_ids(chat: ChatModel, conv: Conversation, max_new_tokens: int = 0) -> list[int]:
     ids = encode_for_generation(conv, chat.renderer, chat.tokenizer)
-    if len(ids) + max_new_tokens > chat.context_length:
-        raise PromptTooLong(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                            f"the model's context of {chat.context_length} tokens")
+    check_room(chat, len(ids), max_new_tokens)
     return ids
 
 
+def check_room(chat: ChatModel, n_prompt: int, max_new_tokens: int) -> None:
+    if n_prompt + max_new_tokens > chat.context_length:
+        raise PromptTooLong(f"the prompt is {n_prompt} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                            f"the model's context of {chat.context_length} tokens")
+
+
+def _cancellable(events: Sequence[threading.Event]) -> Any:
+    """Stopping criteria that end row i at its next token once events[i] is set (its reader went away); the
+    other rows of the batch go on."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+            return torch.tensor([e.is_set() for e in events], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
 def _generate_kwargs(chat: ChatModel, opts: GenerationOptions) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, pad_token_id=chat.tokenizer.pad_token_id,
-                              repetition_penalty=opts.repetition_penalty, use_cache=True)
+    kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "pad_token_id": chat.tokenizer.pad_token_id,
+                          "repetition_penalty": opts.repetition_penalty, "use_cache": True}
     # template stop words that are not one token are matched as text, like the user's
     stop_ids, multi_token = stop_token_ids(chat.tokenizer, chat.stop_words)
     eos = {chat.tokenizer.eos_token_id, *stop_ids}
@@ -156,26 +152,38 @@ def generate(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> tu
 def generate_many(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,
                   batch_size: int = 16) -> list[Generated]:
     """Answers for many conversations, batched with left padding (one batch of one is plain generation)."""
+    prompts = [prompt_ids(chat, c, opts.max_new_tokens) for c in convs]
+    return generate_from_ids(chat, prompts, opts, batch_size)
+
+
+def generate_from_ids(chat: ChatModel, prompts: Sequence[list[int]], opts: GenerationOptions, batch_size: int = 16,
+                      cancel: Sequence[threading.Event] | None = None) -> list[Generated]:
+    """generate_many for prompts already tokenised (the API tokenises each request once, when it reads it).
+    `cancel[i]`, once set, ends prompt i's answer at its next token."""
     out: list[Generated] = []
     pad = chat.tokenizer.pad_token_id
     stops = [*opts.stop_words, *chat.stop_words]
     kwargs = _generate_kwargs(chat, opts)
     ends = set(kwargs["eos_token_id"])
-    for start in range(0, len(convs), batch_size):
-        group = [prompt_ids(chat, c, opts.max_new_tokens) for c in convs[start:start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start:start + batch_size]
+        for ids in group:
+            check_room(chat, len(ids), opts.max_new_tokens)
         width = max(map(len, group))
         inp = torch.full((len(group), width), pad, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for i, ids in enumerate(group):
             inp[i, width - len(ids):] = torch.tensor(ids)
             mask[i, width - len(ids):] = 1
+        if cancel is not None:
+            kwargs["stopping_criteria"] = _cancellable(cancel[start:start + batch_size])
         with chat.lock, torch.inference_mode():
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
             gen = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device), **kwargs)
         for ids, row in zip(group, gen[:, width:].tolist()):
             # A finished row is padded to the longest: count up to and including its end-of-turn token, or
-            # up to the first padding after a stop word.
+            # up to the first padding after a stop word (or a cancellation).
             n = next((i + 1 if t in ends else i for i, t in enumerate(row) if t in ends or t == pad), len(row))
             raw = chat.tokenizer.decode(row[:n], skip_special_tokens=True)
             text = _trim(raw, stops)
@@ -198,7 +206,13 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                     stats: StreamStats | None = None) -> Iterator[str]:
     """Yield the answer in pieces as tokens arrive; stop words are never shown, even partly. Closing the
     generator early (a client that went away) stops the model at its next token."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    yield from stream_from_ids(chat, prompt_ids(chat, conv, opts.max_new_tokens), opts, stats)
+
+
+def stream_from_ids(chat: ChatModel, ids: list[int], opts: GenerationOptions,
+                    stats: StreamStats | None = None) -> Iterator[str]:
+    """generate_stream for a prompt already tokenised."""
+    from transformers import TextIteratorStreamer
 
     class CountingStreamer(TextIteratorStreamer):
         generated = 0
@@ -210,12 +224,8 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                 self.last = int(value.reshape(-1)[-1])
             super().put(value)
 
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
+    check_room(chat, len(ids), opts.max_new_tokens)
     stats = stats if stats is not None else StreamStats()
-    ids = prompt_ids(chat, conv, opts.max_new_tokens)
     stats.prompt_tokens = len(ids)
     streamer = CountingStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     stops = [s for s in [*opts.stop_words, *chat.stop_words] if s]
@@ -230,7 +240,7 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                     torch.manual_seed(opts.seed)
                 inp = torch.tensor([ids], device=chat.device)
                 chat.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
+                                    stopping_criteria=_cancellable([cancel]), **kwargs)
         except BaseException as e:  # surfaced to the caller below
             errors.append(e)
             streamer.end()
@@ -262,12 +272,12 @@ def generate_stream(chat: ChatModel, conv: Conversation, opts: GenerationOptions
                 raise errors[0]
             if not stopped and shown < len(text):
                 yield text[shown:]
-            stats.completion_tokens = streamer.generated
             ended = stopped or streamer.last in kwargs["eos_token_id"]
             stats.finish_reason = "length" if streamer.generated >= opts.max_new_tokens and not ended else "stop"
         finally:
             cancel.set()  # a consumer that stopped early: end generation before the lock is released
             worker.join()
+            stats.completion_tokens = streamer.generated
 
 
 def generate_batch(chat: ChatModel, convs: Sequence[Conversation], opts: GenerationOptions,

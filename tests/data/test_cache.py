@@ -1,0 +1,36 @@
+"""The Arrow cache of prepared rows: a hit loads fast and gives the same rows; any change of data, template,
+length or packing misses it."""
+
+import json
+import time
+
+from tests.conftest import chat_records, write_jsonl
+from tests.data.support import settings
+from tunelab.data.dataset import prepare_data
+
+
+def test_cache_hits_fast_and_misses_on_any_change(tmp_path, tiny_tokenizer, data_cache):
+    p = write_jsonl(tmp_path / "d.jsonl", chat_records(40))
+    first = prepare_data(settings(p), tiny_tokenizer)
+    assert not first.from_cache
+    t = time.perf_counter()
+    second = prepare_data(settings(p), tiny_tokenizer)
+    assert second.from_cache and time.perf_counter() - t < 1.0
+    assert second.rows.input_ids.tolist() == first.rows.input_ids.tolist()
+    assert second.rows.labels.tolist() == first.rows.labels.tolist()
+    assert prepare_data(settings(p, max_length=48), tiny_tokenizer).from_cache is False
+    assert prepare_data(settings(p, pack_to_max_length=False), tiny_tokenizer).from_cache is False
+    assert prepare_data(settings(p, prompt_template="internlm2_chat"), tiny_tokenizer).from_cache is False
+    with open(p, "a") as f:
+        f.write(json.dumps(chat_records(1)[0]) + "\n")
+    assert prepare_data(settings(p), tiny_tokenizer).from_cache is False
+
+
+def test_a_cache_hit_reports_its_own_load_time(tmp_path, tiny_tokenizer, data_cache):
+    p = write_jsonl(tmp_path / "d.jsonl", chat_records(10))
+    first = prepare_data(settings(p), tiny_tokenizer)
+    stats_file = first.cache_dir / "tunelab_stats.json"
+    saved = json.loads(stats_file.read_text())
+    stats_file.write_text(json.dumps({**saved, "seconds": 1234.0}))  # as if the first run had been slow
+    second = prepare_data(settings(p), tiny_tokenizer)
+    assert second.from_cache and 0 < second.stats.seconds < 100
