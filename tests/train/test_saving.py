@@ -100,3 +100,20 @@ def test_a_write_failing_while_the_run_fails_does_not_hide_the_run_error(tmp_pat
         writer.submit(tmp_path / "iter_3", broken)
         raise ValueError("the run's own error")
     assert "could not save checkpoint iter_3: Read-only file system" in capsys.readouterr().err
+
+
+def test_checkpoint_files_follow_the_process_umask(tmp_path, tiny_model_dir):
+    """safetensors writes 0600 files; a checkpoint is read by other users' jobs (convert, merge, a server)."""
+    import os
+    import stat
+
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(4))
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, data), ["train.max_steps=1"])
+    old = os.umask(0o022)
+    try:
+        res = train(cfg, "tiny", work_dir=tmp_path / "w")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [res.checkpoint, *res.checkpoint.rglob("*")]}
+    assert modes["adapter_model.safetensors"] == modes["optimizer.safetensors"] == 0o644, modes
+    assert modes[res.checkpoint.name] == 0o755 and set(modes.values()) == {0o644, 0o755}, modes

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from tunelab.cache import umask_permissions
 from tunelab.errors import CheckpointError, TrainingError
 
 POINTER = "last_checkpoint"
@@ -158,6 +159,7 @@ def save_checkpoint(work_dir: Path, state: TrainState, model: Any, payload: Payl
             time.sleep(delay)
         # trainer_state.json is written last: its presence marks a complete checkpoint.
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
+        umask_permissions(tmp)  # safetensors leaves its files 0600; a job running as another user reads these
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
