@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -36,7 +37,7 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 1
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = proc.output() if hasattr(proc, "output") else (proc.stdout.read() if proc.stdout else "")
             raise AssertionError(f"server exited with code {proc.returncode} before answering {url}:\n{out}")
         try:
             if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
@@ -63,13 +64,18 @@ def server_process(cmd: list[str], url: str, cwd: Path | None = None, env: dict 
                    timeout: float = 180.0) -> Iterator[subprocess.Popen]:
     """Run cmd (a server) in its own process group until the block ends; yields once url answers."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    # The server writes to a file, not a pipe nobody reads during the test: a full pipe would block its writes
+    # (and its exit). `proc.output()` reads what it wrote so far.
+    log = open(tempfile.mkstemp(prefix="server-", suffix=".log")[1], "w+", encoding="utf-8")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    proc.output = lambda: Path(log.name).read_text(encoding="utf-8", errors="replace")  # type: ignore[attr-defined]
     try:
         wait_http(url, proc, timeout)
         yield proc
     finally:
         stop(proc)
+        log.close()
 
 
 def tunelab_cmd(*args: str) -> list[str]:

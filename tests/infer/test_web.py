@@ -106,7 +106,7 @@ def test_web_page_answers_in_browser(default_model_dir: Path, tmp_path: Path) ->
             assert len(short) < len(answer) and answer.startswith(short), (short, answer)
         finally:
             browser.close()
-    assert proc.returncode == 0  # Ctrl-C (SIGINT) stops the server cleanly
+    assert proc.returncode == 0, proc.output()[-3000:]  # Ctrl-C (SIGINT) stops the server cleanly
 
 
 def test_web_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
