@@ -26,3 +26,15 @@ def test_processes_that_still_choose_differently_are_refused_with_one_line(tmp_p
     assert said[0].startswith("error: the processes of this run chose different settings: rank 0 'torch.float32, "
                               "sdpa, ")
     assert "rank 1 'torch.bfloat16, sdpa, " in said[0]
+
+
+def test_data_is_prepared_once_per_node_and_read_from_its_cache_by_the_others(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(12))
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, data={"cache": True})
+    res = torchrun(3, str(ROOT / "tests" / "train" / "data_once.py"), str(cfg), str(tmp_path), timeout=180,
+                   TUNELAB_CACHE=str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(3)]
+    rows = said[0][1]
+    assert said == [["False", rows], ["True", rows], ["True", rows]]  # tokenised once, by local rank 0
+    assert len(list((tmp_path / "cache" / "data").iterdir())) == 1
