@@ -46,6 +46,16 @@ case $call in
     peer 100 qlora7b_sdpa
     tl $(( $(left) - 3 )) qlora7b_sdpa
     ;;
+  x2_scaling)  # nvidia-h100-x2: 1 -> 2 GPUs (plain, ddp, zero2, zero3), two nodes on one host, CLI against bench
+    timeout $(( $(left) - 200 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1,2 lora_1_8b
+    timeout $(( $(left) - 80 )) python3 bench/scaling.py --root "$M" --out "$R" nodes
+    CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:rows=8,mb=4
+    ;;
+  x2_big)  # nvidia-h100-x2: 7B-shape full fine-tune, zero3 on 2 GPUs, then zero3_offload on one
+    timeout 300 python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 8 full_7b
+    CUDA_VISIBLE_DEVICES=0 TL_MODELS=$M timeout $(( $(left) - 5 )) python3 bench/sharded_check.py full_7b
+    cp bench/results/*sharded_check.jsonl "$OUT/" 2>/dev/null
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

@@ -18,6 +18,7 @@ bench/results/<gpu>_<date>_sharded_check.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -111,7 +112,8 @@ def drive(prefixes: list[str]) -> None:
     date = time.strftime("%Y%m%d")
     short = next((k.lower() for k in ("H100", "H200", "A100") if k in gpu), gpu.split()[0].lower())
     results = HERE / "results" / f"{short}_{date}_sharded_check.jsonl"
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+    keep = os.environ.get("TL_MODELS")  # a folder that keeps the models between calls (bench/scaling.py's too)
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ref: dict[str, list[float]] = {}
         for name in names:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",

@@ -70,8 +70,17 @@ def save_rows(rows: Rows, stats: dict, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     datasets.Dataset(table).save_to_disk(str(tmp))
     (tmp / STATS).write_text(json.dumps(stats, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    # Several nodes on a shared filesystem each prepare the same rows (the folder name is their fingerprint):
+    # the first complete folder stays, so no node deletes files another node's processes are reading.
+    if not (folder / STATS).exists():
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without stats is an old, broken write
+        try:
+            os.replace(tmp, folder)
+            return
+        except OSError:
+            if not (folder / STATS).exists():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_rows(folder: Path) -> tuple[Rows, dict] | None:

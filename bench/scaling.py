@@ -1,0 +1,207 @@
+"""Scaling over several GPUs, measured through the command a user types: `torchrun ... -m tunelab train CFG
+--deepspeed NAME`, one fresh launch per case, with tunelab's GPU defaults (no speed keys in the config).
+
+Cases (random-weight models of the peer's shapes, bench/peer_baseline.py; word-level synthetic text packed into
+4096-token rows; bf16):
+  lora_1_8b      1.8B LoRA r64, 4 x 4096 rows per GPU and micro-batch: the 1-GPU run (plain) takes as many
+                 micro-batches per step as the largest run has GPUs, so every run trains on the same rows per
+                 step and its losses can be compared; then ddp, zero2 and zero3 on each larger GPU count.
+  full_7b        7B-shape full fine-tune, zero3, 4 x 4096 rows per GPU, on the largest GPU count (tokens/s per
+                 GPU, peak memory per GPU).
+  nodes          two "nodes" on one host (torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT,
+                 one process and one GPU each), zero3, 1.8B LoRA 1 x 2048: trains 4 steps and saves; then
+                 --resume with max_steps 8 on the same two nodes.
+
+usage: python bench/scaling.py [--gpus 1,2] [--steps 10] [--root DIR] [--out FILE] CASE [...]
+Prints one JSON line per run: {"case", "impl": "tunelab", "strategy", "gpus", "tokens_per_s" (all GPUs),
+"tokens_per_s_per_gpu", "efficiency" (per-GPU rate over the 1-GPU run's), "peak_gib" (rank 0), "losses",
+"max_rel_diff_vs_1gpu", "startup_s", "gpu", "date"}; --out appends them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from peer_baseline import SHAPES
+from sharded_check import WORDS, make_model  # random-weight models of the peer's shapes, word-level tokenizer
+
+# a smoke test of this script on a CPU: --shape tiny
+SHAPES.setdefault("tiny", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": len(WORDS) + 4})
+
+ROW = 4096
+
+
+def make_data(root: Path, n_docs: int = 2400) -> Path:
+    """Documents of 200..1500 words (one token each): about 500 rows of 4096 tokens."""
+    out = root / "scaling_text.jsonl"
+    if not out.exists():
+        rng = random.Random(0)
+        docs = [" ".join(rng.choices(WORDS, k=rng.randint(200, 1500))) for _ in range(n_docs)]
+        out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return out
+
+
+def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int, accum: int, steps: int,
+                 max_length: int = ROW) -> Path:
+    cfg = {"model": {"path": str(model), "lora": {"r": 64, "alpha": 16, "dropout": 0.0} if lora else None},
+           "data": {"path": str(data), "format": "pretrain", "max_length": max_length, "pack_to_max_length": True},
+           "train": {"batch_size": rows, "accumulative_counts": accum, "max_steps": steps,
+                     "lr": 2e-4 if lora else 1e-5, "dtype": "bfloat16", "seed": 0},
+           "runtime": {"log_interval": 1, "save_steps": 10_000, "save_total_limit": 1}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def launch(cfg: Path, work: Path, gpus: int, strategy: str, timeout: int, extra: tuple[str, ...] = ()) -> dict:
+    """One `torchrun -m tunelab train` run; its figures read back from the run's own log files."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+           "-m", "tunelab", "train", str(cfg), "--work-dir", str(work), *extra]
+    if strategy != "ddp":
+        cmd += ["--deepspeed", strategy]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    return {"rc": proc.returncode, "wall_s": round(time.time() - t0), **read_run(work),
+            **({"error": (proc.stderr + proc.stdout)[-1500:]} if proc.returncode else {})}
+
+
+def read_run(work: Path) -> dict:
+    scalars = sorted(work.rglob("scalars.jsonl"))
+    logs = sorted(work.rglob("train.log"))
+    if not scalars:
+        return {}
+    rows = [json.loads(x) for x in scalars[-1].read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    speeds = sorted(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r)
+    out = {"losses": [round(r["loss"], 5) for r in rows], "steps": [rows[0].get("step"), rows[-1].get("step")]
+           if rows else None,
+           "tokens_per_s": round(speeds[len(speeds) // 2]) if speeds else None,
+           "peak_gib": round(max((r.get("memory_gib", 0) for r in rows), default=0), 2),
+           "mfu": round(sorted(r["mfu"] for r in rows[2:] if "mfu" in r)[len(speeds) // 2], 4)
+           if speeds and "mfu" in rows[-1] else None}
+    if logs:
+        m = re.search(r"first step done ([\d.]+) s after the process started \(start-up ([\d.]+) s",
+                      logs[-1].read_text())
+        if m:
+            out.update(first_step_s=float(m.group(1)), startup_s=float(m.group(2)))
+    return out
+
+
+def rel_diff(a: list[float], b: list[float]) -> float | None:
+    pairs = list(zip(a, b))
+    return round(max(abs(x - y) / abs(y) for x, y in pairs), 5) if pairs else None
+
+
+def lora_scaling(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
+    model, data = make_model(shape, root), make_data(root)
+    most = max(gpus)
+    base = None
+    for n in gpus:
+        for strategy in (["ddp"] if n == 1 else ["ddp", "zero2", "zero3"]):
+            work = root / "runs" / f"lora_{n}_{strategy}"
+            shutil.rmtree(work, ignore_errors=True)
+            cfg = write_config(work, model, data, lora=True, rows=4, accum=most // n, steps=steps)
+            r = launch(cfg, work, n, strategy, timeout=300)
+            r.update(case="lora_1_8b", strategy=strategy if n > 1 else "single", gpus=n,
+                     rows_per_step=4 * most)
+            if r.get("tokens_per_s"):
+                r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
+            if n == 1:
+                base = r
+            elif base and base.get("tokens_per_s_per_gpu") and r.get("tokens_per_s_per_gpu"):
+                r["efficiency"] = round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
+                r["max_rel_diff_vs_1gpu"] = rel_diff(r.get("losses", []), base.get("losses", []))
+            emit(r)
+            shutil.rmtree(work, ignore_errors=True)  # the checkpoint (~0.8 GB)
+
+
+def full_7b(root: Path, gpus: list[int], steps: int, emit) -> None:
+    model, data = make_model("7b", root), make_data(root)
+    n = max(gpus)
+    work = root / "runs" / f"full7b_{n}_zero3"
+    cfg = write_config(work, model, data, lora=False, rows=4, accum=1, steps=steps)
+    r = launch(cfg, work, n, "zero3", timeout=420)
+    r.update(case="full_7b", strategy="zero3", gpus=n)
+    if r.get("tokens_per_s"):
+        r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
+    emit(r)
+    shutil.rmtree(work, ignore_errors=True)  # weights and sharded optimizer state, ~80 GB
+
+
+def two_nodes(root: Path, emit, shape: str, port: int = 29571) -> None:
+    """Two torchrun launches that meet at one rendezvous, as two nodes would; each sees one GPU."""
+    model, data = make_model(shape, root), make_data(root)
+    work = root / "runs" / "nodes"
+    shutil.rmtree(work, ignore_errors=True)
+    results = {}
+    for phase, steps in (("train", 4), ("resume", 8)):
+        cfg = write_config(work, model, data, lora=True, rows=1, accum=1, steps=steps, max_length=2048)
+        procs = []
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"tl_{phase}",
+                   "-m", "tunelab", "train", str(cfg), "--work-dir", str(work / "run"), "--deepspeed", "zero3"]
+            if phase == "resume":
+                cmd.append("--resume")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(node)}
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+        results[phase] = {"rc": [p.returncode for p in procs], **read_run(work / "run"),
+                          "tail": outs[0][-600:] if any(p.returncode for p in procs) else ""}
+    checkpoints = sorted(str(p.relative_to(work)) for p in work.rglob("adapter_model.safetensors"))
+    emit({"case": "two_nodes_one_host", "strategy": "zero3", "gpus": 2, "nodes": 2, **results,
+          "checkpoints": checkpoints})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "nodes"])
+    ap.add_argument("--gpus", default="1,2")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--root", default="/tmp/tl_models")
+    ap.add_argument("--out")
+    ap.add_argument("--shape", default="1_8b", help="lora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
+    a = ap.parse_args()
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    gpus = [int(x) for x in a.gpus.split(",")]
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = time.strftime("%Y%m%d")
+
+    def emit(r: dict) -> None:
+        r.update(impl="tunelab", gpu=name, date=date, torch=torch.__version__)
+        line = json.dumps(r)
+        print(line, flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(line + "\n")
+
+    for case in a.cases:
+        if case == "lora_1_8b":
+            lora_scaling(root, gpus, a.steps, emit, a.shape)
+        elif case == "full_7b":
+            full_7b(root, gpus, max(4, a.steps // 2), emit)
+        else:
+            two_nodes(root, emit, a.shape)
+
+
+if __name__ == "__main__":
+    main()
