@@ -51,6 +51,12 @@ case $call in
     timeout $(( $(left) - 80 )) python3 bench/scaling.py --root "$M" --out "$R" nodes
     CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:rows=8,mb=4
     ;;
+  x2_rest)  # nvidia-h100-x2: zero3 on 2 GPUs (rows per step as x2_scaling), two nodes, then start-up cold and warm
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --strategies zero3 lora_1_8b
+    timeout 220 python3 bench/scaling.py --root "$M" --out "$R" nodes
+    for i in 1 2; do timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 4 \
+        lora_1_8b; done
+    ;;
   x2_big)  # nvidia-h100-x2: 7B-shape full fine-tune, zero3 on 2 GPUs, then zero3_offload on one
     timeout 300 python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 8 full_7b
     CUDA_VISIBLE_DEVICES=0 TL_MODELS=$M timeout $(( $(left) - 5 )) python3 bench/sharded_check.py full_7b

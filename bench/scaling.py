@@ -36,8 +36,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from peer_baseline import SHAPES
-from sharded_check import WORDS, make_model  # random-weight models of the peer's shapes, word-level tokenizer
+from peer_baseline import SHAPES  # noqa: E402  (bench/ on the path first)
+from sharded_check import WORDS, make_model  # noqa: E402  (random-weight models of the peer shapes)
 
 # a smoke test of this script on a CPU: --shape tiny
 SHAPES.setdefault("tiny", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -109,18 +109,19 @@ def rel_diff(a: list[float], b: list[float]) -> float | None:
     return round(max(abs(x - y) / abs(y) for x, y in pairs), 5) if pairs else None
 
 
-def lora_scaling(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
+def lora_scaling(root: Path, gpus: list[int], steps: int, emit, shape: str,
+                 strategies: tuple[str, ...] = ("ddp", "zero2", "zero3")) -> None:
     model, data = make_model(shape, root), make_data(root)
-    most = max(gpus)
+    rows_per_step = 4 * max(gpus)
     base = None
     for n in gpus:
-        for strategy in (["ddp"] if n == 1 else ["ddp", "zero2", "zero3"]):
+        for strategy in (["ddp"] if n == 1 else strategies):
             work = root / "runs" / f"lora_{n}_{strategy}"
             shutil.rmtree(work, ignore_errors=True)
-            cfg = write_config(work, model, data, lora=True, rows=4, accum=most // n, steps=steps)
+            cfg = write_config(work, model, data, lora=True, rows=4, accum=rows_per_step // (4 * n), steps=steps)
             r = launch(cfg, work, n, strategy, timeout=300)
             r.update(case="lora_1_8b", strategy=strategy if n > 1 else "single", gpus=n,
-                     rows_per_step=4 * most)
+                     rows_per_step=rows_per_step)
             if r.get("tokens_per_s"):
                 r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
             if n == 1:
@@ -177,6 +178,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--root", default="/tmp/tl_models")
+    ap.add_argument("--strategies", default="ddp,zero2,zero3", help="lora_1_8b on more than one GPU")
     ap.add_argument("--out")
     ap.add_argument("--shape", default="1_8b", help="lora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
     a = ap.parse_args()
@@ -196,7 +198,7 @@ def main() -> None:
 
     for case in a.cases:
         if case == "lora_1_8b":
-            lora_scaling(root, gpus, a.steps, emit, a.shape)
+            lora_scaling(root, gpus, a.steps, emit, a.shape, tuple(a.strategies.split(",")))
         elif case == "full_7b":
             full_7b(root, gpus, max(4, a.steps // 2), emit)
         else:

@@ -13,7 +13,7 @@ memory is the case's own):
   python bench/sharded_check.py lora_1_8b qlora_1_8b  # cases whose name starts with these
 Prints one JSON line per case: {"case", "strategy", "method", "shape", "losses", "max_rel_diff_vs_ddp",
 "peak_gpu_gib", "peak_host_gib", "tokens_per_s", "gpu", "date"}; results also go to
-bench/results/<gpu>_<date>_sharded_check.jsonl.
+bench/results/<date>_<gpu>_sharded_check.jsonl.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from peer_baseline import SHAPES  # the peer's model shapes, unchanged
+from peer_baseline import SHAPES  # noqa: E402  (the peer shapes, unchanged)
 
 # name: (shape, method, strategy, steps)
 CASES = {f"{m}_1_8b_{s}": ("1_8b", m, s, 8) for m in ("lora", "qlora") for s in ("ddp", "zero3", "zero3_offload")}
@@ -111,7 +111,7 @@ def drive(prefixes: list[str]) -> None:
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     date = time.strftime("%Y%m%d")
     short = next((k.lower() for k in ("H100", "H200", "A100") if k in gpu), gpu.split()[0].lower())
-    results = HERE / "results" / f"{short}_{date}_sharded_check.jsonl"
+    results = HERE / "results" / f"{date}_{short}_sharded_check.jsonl"
     keep = os.environ.get("TL_MODELS")  # a folder that keeps the models between calls (bench/scaling.py's too)
     with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ref: dict[str, list[float]] = {}

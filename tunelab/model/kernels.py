@@ -92,11 +92,14 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
-    plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    if settings.compile == "cudagraphs" and settings.gradient_checkpointing == "auto":
+        plan.checkpointing = "off"  # graphs cannot replay a recompute; the compiled layers recompute inside instead
+    else:
+        plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
     want_compile = settings.compile
     if want_compile == "auto":
         # CUDA graphs ("cudagraphs") stay opt-in: measured 4.8x faster on launch-bound QLoRA with one micro-batch
-        # per step, but not yet verified with gradient accumulation (BENCHMARKS.md).
+        # per step, and failing with several (config/schema.py refuses that; BENCHMARKS.md).
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
     liger = settings.use_liger
     if liger == "auto":

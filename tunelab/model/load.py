@@ -110,6 +110,8 @@ def load_model(path: str, *, dtype: torch.dtype, device: torch.device, quantizat
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
+    elif device.type == "cuda":  # straight from the files to the GPU: no full copy in host memory first
+        kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
