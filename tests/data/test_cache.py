@@ -34,3 +34,22 @@ def test_a_cache_hit_reports_its_own_load_time(tmp_path, tiny_tokenizer, data_ca
     stats_file.write_text(json.dumps({**saved, "seconds": 1234.0}))  # as if the first run had been slow
     second = prepare_data(settings(p), tiny_tokenizer)
     assert second.from_cache and 0 < second.stats.seconds < 100
+
+
+def test_a_second_node_writing_the_same_rows_leaves_the_first_folder_in_place(tmp_path, tiny_tokenizer, data_cache):
+    """Several nodes on a shared filesystem each prepare the rows (local rank 0 of every node): the second write
+    must not delete files the first node's processes are reading; a folder without stats (a killed write) is
+    replaced."""
+    from tunelab.data.cache import STATS, save_rows
+
+    p = write_jsonl(tmp_path / "d.jsonl", chat_records(12))
+    first = prepare_data(settings(p), tiny_tokenizer)
+    folder = first.cache_dir
+    before = {f.name: f.stat().st_ino for f in folder.iterdir()}
+    save_rows(first.rows, json.loads((folder / STATS).read_text()), folder)  # the other node, moments later
+    assert {f.name: f.stat().st_ino for f in folder.iterdir()} == before
+    assert not list(folder.parent.glob(folder.name + ".tmp*"))
+    (folder / STATS).unlink()  # as a write killed before its stats
+    again = prepare_data(settings(p), tiny_tokenizer)
+    assert not again.from_cache and (folder / STATS).exists()
+    assert prepare_data(settings(p), tiny_tokenizer).rows.input_ids.tolist() == first.rows.input_ids.tolist()
