@@ -55,15 +55,22 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
+            # Still running: SIGABRT makes Python's faulthandler (PYTHONFAULTHANDLER, set below) write every
+            # thread's stack to the server's log, so the failing test shows where the shutdown hung.
+            os.killpg(proc.pid, signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout)
 
 
 @contextmanager
 def server_process(cmd: list[str], url: str, cwd: Path | None = None, env: dict | None = None,
                    timeout: float = 180.0) -> Iterator[subprocess.Popen]:
     """Run cmd (a server) in its own process group until the block ends; yields once url answers."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                **(env or {})}
     # The server writes to a file, not a pipe nobody reads during the test: a full pipe would block its writes
     # (and its exit). `proc.output()` reads what it wrote so far.
     log = open(tempfile.mkstemp(prefix="server-", suffix=".log")[1], "w+", encoding="utf-8")  # noqa: SIM115

@@ -1,5 +1,5 @@
 """Sharded training (FSDP2 on gloo, CPU processes under torchrun): 2 and 4 processes give the one-process loss
-sequence for LoRA, QLoRA and full fine-tuning; zero3 leaves each process 1/N of the model and optimizer state;
+sequence for LoRA, DoRA, QLoRA and full fine-tuning; zero3 leaves each process 1/N of the model and optimizer state;
 kill -9 of a 2-process run resumes on 1 and on 4 processes with the same losses, and its checkpoint converts
 and merges; a dead rank and a missing model end every process with one clear line."""
 
@@ -25,10 +25,10 @@ from tunelab.train.loop import train
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 4  # 16 rows, 4 rows per optimizer step
 FULL = ["model.lora=null", "train.lr=1e-4"]
-METHODS = {"lora": [], "full": FULL, "qlora": ["model.quantization=nf4"]}
+METHODS = {"lora": [], "full": FULL, "qlora": ["model.quantization=nf4"], "dora": ["model.lora.use_dora=true"]}
 # (processes, strategy, method): the one-process run each must reproduce, with the same rows per step
 CASES = [(2, "zero3", "lora"), (2, "zero2", "full"), (2, "zero3", "full"), (2, "zero2", "lora"), (2, "zero3", "qlora"),
-         (4, "zero3", "lora"), (4, "zero2", "full"), (4, "zero3", "full"), (4, "zero2", "lora")]
+         (2, "zero3", "dora"), (4, "zero3", "lora"), (4, "zero2", "full"), (4, "zero3", "full"), (4, "zero2", "lora")]
 
 
 def env(**extra: str) -> dict:
