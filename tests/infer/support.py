@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -67,7 +67,7 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 @contextmanager
 def server_process(cmd: list[str], url: str, cwd: Path | None = None, env: dict | None = None,
-                   timeout: float = 180.0) -> Iterator[subprocess.Popen]:
+                   timeout: float = 180.0, preexec_fn: Callable[[], Any] | None = None) -> Iterator[subprocess.Popen]:
     """Run cmd (a server) in its own process group until the block ends; yields once url answers."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                 **(env or {})}
@@ -75,7 +75,7 @@ def server_process(cmd: list[str], url: str, cwd: Path | None = None, env: dict 
     # (and its exit). `proc.output()` reads what it wrote so far.
     log = open(tempfile.mkstemp(prefix="server-", suffix=".log")[1], "w+", encoding="utf-8")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
     proc.output = lambda: Path(log.name).read_text(encoding="utf-8", errors="replace")  # type: ignore[attr-defined]
     try:
         wait_http(url, proc, timeout)

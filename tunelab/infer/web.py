@@ -8,7 +8,8 @@ there is no model code here. `build_app` returns the page unlaunched (tests use 
 from __future__ import annotations
 
 import os
-import time
+import signal
+import threading
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -112,11 +113,19 @@ def serve_web(chat: ChatModel, host: str, port: int, system: str | None, default
         raise TunelabError(f"cannot serve the web page on {host}:{port}: {e}") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"tunelab web: {chat.name} at http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
+    # Ctrl-C and SIGTERM (`kill`, `docker stop`) both close the page and exit 0, as `tunelab serve` does; the
+    # handlers are set here rather than left to Python, which keeps SIGINT ignored in a process started in the
+    # background by a shell.
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while app.is_running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a server is stopped
+        while app.is_running and not stop.wait(0.5):
+            pass
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         app.close()
+    print("tunelab web: stopped", flush=True)
     return 0
