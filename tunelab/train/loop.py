@@ -251,7 +251,7 @@ def run_loop(run: Run) -> RunResult:
         if cfg.runtime.evaluation_inputs:
             _evaluate(run, state.step)
         last_saved = writer.wait()
-    _report_ranks(run, to_console=True)  # collective: every process returns with the last checkpoint complete
+    _report_ranks(run, to_console=run.par.distributed)  # collective; one plain process: train.log only
     if par.is_main:
         png = plot_loss(run.folder.log_dir / "scalars.jsonl", run.folder.log_dir / "loss_curve.png")
         if png:
