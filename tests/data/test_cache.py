@@ -2,6 +2,7 @@
 length or packing misses it."""
 
 import json
+import os
 import time
 
 from tests.conftest import chat_records, write_jsonl
@@ -36,6 +37,12 @@ def test_a_cache_hit_reports_its_own_load_time(tmp_path, tiny_tokenizer, data_ca
     assert second.from_cache and 0 < second.stats.seconds < 100
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_a_second_node_writing_the_same_rows_leaves_the_first_folder_in_place(tmp_path, tiny_tokenizer, data_cache):
     """Several nodes on a shared filesystem each prepare the rows (local rank 0 of every node): the second write
     must not delete files the first node's processes are reading; a folder without stats (a killed write) is
@@ -52,4 +59,6 @@ def test_a_second_node_writing_the_same_rows_leaves_the_first_folder_in_place(tm
     (folder / STATS).unlink()  # as a write killed before its stats
     again = prepare_data(settings(p), tiny_tokenizer)
     assert not again.from_cache and (folder / STATS).exists()
+    assert not [p.name for p in folder.parent.iterdir() if p != folder]  # nothing left beside it
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert prepare_data(settings(p), tiny_tokenizer).rows.input_ids.tolist() == first.rows.input_ids.tolist()

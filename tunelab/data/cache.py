@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tunelab.cache import file_digest
+from tunelab.cache import file_digest, umask_permissions
 from tunelab.config.schema import DataSettings
 from tunelab.data.pack import Rows
 from tunelab.data.sources import Dataset, visible_files
@@ -66,21 +67,32 @@ def save_rows(rows: Rows, stats: dict, folder: Path) -> None:
         "labels": pa.ListArray.from_arrays(pa.array(rows.offsets), pa.array(rows.labels)),
         "seq_lens": pa.ListArray.from_arrays(pa.array(rows.seq_offsets), pa.array(rows.seq_lens)),
     })
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset(table).save_to_disk(str(tmp))
-    (tmp / STATS).write_text(json.dumps(stats, indent=1))
-    # Several nodes on a shared filesystem each prepare the same rows (the folder name is their fingerprint):
-    # the first complete folder stays, so no node deletes files another node's processes are reading.
-    if not (folder / STATS).exists():
-        shutil.rmtree(folder, ignore_errors=True)  # a folder without stats is an old, broken write
-        try:
-            os.replace(tmp, folder)
-            return
-        except OSError:
-            if not (folder / STATS).exists():
-                raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A name no other writer can take, also a node whose leader has the same PID in an identical container.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        datasets.Dataset(table).save_to_disk(str(tmp))
+        (tmp / STATS).write_text(json.dumps(stats, indent=1))
+        umask_permissions(tmp)  # not mkdtemp's 0700: processes of other users on the node read it
+        # Several nodes on a shared filesystem each prepare the same rows (the folder name is their fingerprint).
+        # Renames only, never a delete in place: the first complete folder stays, and no node removes files that
+        # another node's processes are reading. A folder without stats (a killed write) is moved aside first.
+        for _ in range(3):
+            try:
+                os.rename(tmp, folder)
+                return
+            except OSError:
+                if (folder / STATS).exists():
+                    return
+            aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".old"))
+            try:
+                os.rename(folder, aside / "broken")
+            except OSError:
+                pass  # another writer moved it first
+            shutil.rmtree(aside, ignore_errors=True)
+        os.rename(tmp, folder)  # a last try: its error says why
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_rows(folder: Path) -> tuple[Rows, dict] | None:

@@ -106,21 +106,21 @@ def serve_web(chat: ChatModel, host: str, port: int, system: str | None, default
     ensure_port_free(host, port)
     app = build_app(chat, system, defaults)
     app.queue(default_concurrency_limit=1)
-    try:
-        app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
-                   inbrowser=False, ssr_mode=False, show_error=True, footer_links=["api"])
-    except OSError as e:
-        raise TunelabError(f"cannot serve the web page on {host}:{port}: {e}") from None
-    shown = f"[{host}]" if ":" in host else host
-    print(f"tunelab web: {chat.name} at http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
-    # Ctrl-C and SIGTERM (`kill`, `docker stop`) both close the page and exit 0, as `tunelab serve` does; the
-    # handlers are set here rather than left to Python, which keeps SIGINT ignored in a process started in the
-    # background by a shell.
+    # Ctrl-C and SIGTERM (`kill`, `docker stop`) both close the page and exit 0, as `tunelab serve` does. The
+    # handlers are set here, before the page answers, rather than left to Python, which keeps SIGINT ignored in a
+    # process a shell started in the background.
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        try:
+            app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
+                       inbrowser=False, ssr_mode=False, show_error=True, footer_links=["api"])
+        except OSError as e:
+            raise TunelabError(f"cannot serve the web page on {host}:{port}: {e}") from None
+        shown = f"[{host}]" if ":" in host else host
+        print(f"tunelab web: {chat.name} at http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
         while app.is_running and not stop.wait(0.5):
             pass
     finally:

@@ -92,14 +92,20 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
-    if settings.compile == "cudagraphs" and settings.gradient_checkpointing == "auto":
-        plan.checkpointing = "off"  # graphs cannot replay a recompute; the compiled layers recompute inside instead
-    else:
-        plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    if settings.compile == "cudagraphs" and plan.checkpointing != "off":  # only "auto" gets here (config/schema.py)
+        # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA recomputes inside the compiled layers
+        # instead (the memory budget below); other runs may not fit without checkpointing: say so.
+        if settings.quantization == "none":
+            from tunelab import ui
+
+            ui.warn("cudagraphs_memory", "model.compile: cudagraphs runs without activation checkpointing, which "
+                    "this micro-batch would need to fit in memory; if it runs out, use compile: auto")
+        plan.checkpointing = "off"
     want_compile = settings.compile
     if want_compile == "auto":
-        # CUDA graphs ("cudagraphs") stay opt-in: measured 4.8x faster on launch-bound QLoRA with one micro-batch
-        # per step, and failing with several (config/schema.py refuses that; BENCHMARKS.md).
+        # CUDA graphs ("cudagraphs") stay opt-in: 9.3x the peer on launch-bound QLoRA with one micro-batch per
+        # step (same benchmark call), and failing with several (config/schema.py refuses that; BENCHMARKS.md).
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
     liger = settings.use_liger
     if liger == "auto":
@@ -131,7 +137,8 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         plan.cudagraphs = want_compile == "cudagraphs"
         compile_layers(layers, mode="reduce-overhead" if plan.cudagraphs else None)
         if plan.cudagraphs:
-            # Every micro-batch is a new CUDA-graph step, also with several forwards before an optimizer step.
+            # Each forward starts a new CUDA-graph step (evaluation's too). Several micro-batches per optimizer
+            # step still fail on the GPU with this (call `verify`), so the config allows only one.
             _decoder(base).register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
         plan.compiled = True
     return plan
