@@ -126,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = True
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
+    given = list(overrides)  # as typed (the continue-with command adds --deepspeed itself)
     if args.deepspeed:  # XTuner's flag: the same choice as the train.strategy key
         from tunelab.config.schema import normalize_strategy
 
@@ -137,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.loop import train
 
     train(cfg, name, work_dir=Path(args.work_dir) if args.work_dir else None, resume=resume or False,
-          resume_force=args.resume_force, config_source=args.config)
+          resume_force=args.resume_force, config_source=args.config, overrides=given)
     return 0
 
 

@@ -61,3 +61,21 @@ def test_prompt_ids_answer_as_the_conversation_and_a_cancelled_row_stops(tiny_mo
     assert second == want[1]  # the other row is not disturbed
     with pytest.raises(PromptTooLong, match="exceeds the model's context of 512 tokens"):
         generate_from_ids(chat, [ids[0]], GenerationOptions(max_new_tokens=512))
+
+
+def test_an_answer_cut_by_the_token_limit_never_ends_in_half_a_character(real_chat) -> None:
+    """SmolLM2's byte-level tokens split a Chinese character over several tokens: a limit that falls inside one
+    leaves decoding a U+FFFD, which neither the whole nor the streamed answer may show."""
+    from tunelab.model.generate import BROKEN, GenerationOptions, conversation, generate_many, generate_stream
+
+    conv = conversation([], "请用中文介绍一下北京。", None)
+    full = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=24))[0].text
+    ids = real_chat.tokenizer.encode(full, add_special_tokens=False)
+    cuts = [k for k in range(1, len(ids)) if real_chat.tokenizer.decode(ids[:k]).endswith(BROKEN)]
+    assert cuts, full  # the case exists in this answer
+    for limit in cuts[:3]:
+        whole = generate_many(real_chat, [conv], GenerationOptions(max_new_tokens=limit))[0]
+        streamed = "".join(generate_stream(real_chat, conv, GenerationOptions(max_new_tokens=limit)))
+        assert whole.finish_reason == "length"
+        assert not whole.text.endswith(BROKEN) and not streamed.rstrip().endswith(BROKEN), (limit, whole.text)
+        assert full.startswith(whole.text.rstrip()) and full.startswith(streamed.strip())

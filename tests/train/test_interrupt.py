@@ -2,6 +2,7 @@
 A resumed run logs exactly the losses of an uninterrupted one (fp32 on CPU)."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,8 +41,8 @@ def setup(tmp_path_factory, tiny_model_dir):
     return tmp, cfg, ref_losses
 
 
-def start(cfg: Path, work: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work)],
+def start(cfg: Path, work: Path, env: dict | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg), *args, "--work-dir", str(work)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 
@@ -87,6 +88,21 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_non_zero(setup, sig, code
     res = run_cli("train", str(cfg), "--work-dir", str(work), "--resume")
     assert res.returncode == 0, res.stderr
     assert losses(work) == ref
+
+
+def test_the_continue_with_command_keeps_the_command_line_overrides_and_works_as_printed(setup):
+    tmp, cfg, _ = setup
+    work = tmp / "overrides"
+    proc = start(cfg, work, args=("train.seed=5", "runtime.log_interval=1"))
+    wait_for(lambda: (work / "last_checkpoint").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    printed = next(line for line in err.splitlines() if "continue with: " in line).split("continue with: ", 1)[1]
+    assert printed == f"tunelab train {cfg} train.seed=5 runtime.log_interval=1 --work-dir {work} --resume"
+    res = subprocess.run([sys.executable, "-m", *shlex.split(printed)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "differs" not in res.stderr
 
 
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(setup):

@@ -18,7 +18,7 @@ import shlex
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,16 +75,16 @@ class StopSignal:
 
 
 def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: str | bool = False,
-          resume_force: bool = False, config_source: str | None = None) -> RunResult:
-    """`config_name` names the default work dir; `config_source` (the config file or built-in name as given)
-    goes into the command that continues an interrupted run."""
+          resume_force: bool = False, config_source: str | None = None, overrides: Sequence[str] = ()) -> RunResult:
+    """`config_name` names the default work dir; `config_source` (the config file or built-in name as given) and
+    the command line's KEY=VALUE `overrides` go into the command that continues an interrupted run."""
     par = parallel.setup(cfg.train.strategy, choose_device(cfg.train.device))
     work_dir = Path(work_dir or Path("work_dirs") / config_name)
     try:
         with peers.guard(par):
             folder = open_folder(work_dir, resume, par)
             with folder.logger, peers.named_failures(par):  # train.log records why a run failed
-                hint = _resume_hint(config_source or config_name, work_dir, par)
+                hint = _resume_hint(config_source or config_name, overrides, work_dir, par)
                 return run_loop(set_up(cfg, par, folder, hint, resume_force))
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # the run's model and its sharded tensors go before the group
@@ -93,14 +93,15 @@ def train(cfg: Config, config_name: str, work_dir: Path | None = None, resume: s
         parallel.teardown(par)
 
 
-def _resume_hint(source: str, work_dir: Path, par: Parallel) -> str:
+def _resume_hint(source: str, overrides: Sequence[str], work_dir: Path, par: Parallel) -> str:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", par.world_size))
     launcher = "tunelab"
     if par.enabled:  # several nodes: the user's own rendezvous options, which this process cannot see
         launcher = f"torchrun --nproc_per_node {local} -m tunelab" if local == par.world_size else \
             "torchrun [the same options on every node] -m tunelab"
     strategy = f" --deepspeed {par.strategy}" if par.strategy != "ddp" else ""
-    return f"{launcher} train {shlex.quote(source)} --work-dir {shlex.quote(str(work_dir))}{strategy} --resume"
+    given = "".join(f" {shlex.quote(o)}" for o in overrides)  # the same config as this run, or resume refuses it
+    return f"{launcher} train {shlex.quote(source)}{given} --work-dir {shlex.quote(str(work_dir))}{strategy} --resume"
 
 
 def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:

@@ -4,11 +4,14 @@ non-streamed request stops its generation (the server's /health counters tell)."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import build_tiny_model
 from tests.infer.support import assert_port_in_use_error, free_port, server_process, tunelab_cmd
@@ -16,6 +19,18 @@ from tests.infer.support import assert_port_in_use_error, free_port, server_proc
 
 def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
     assert_port_in_use_error("serve", tiny_model_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_server_with_exit_0_also_from_a_background_job(tiny_model_dir: Path, sig) -> None:
+    port = free_port()
+    cmd = tunelab_cmd("serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu")
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as `cmd &` does)
+    with server_process(cmd, f"http://127.0.0.1:{port}/health", preexec_fn=ignore_sigint) as proc:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert proc.returncode == 0, proc.output()[-3000:]
+        assert "tunelab serve: stopped" in proc.output()
 
 
 def long_context_tiny_model(tiny_model_dir: Path, out: Path, context: int) -> Path:
