@@ -27,7 +27,10 @@ def test_list_cfg_and_copy_cfg(tmp_path):
     res = run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_alpaca_e3", str(tmp_path))
     assert res.returncode == 1 and "already exists" in res.stderr and out.read_text() == before
     res = run_cli("list-cfg", "-p", "no_such_model")
-    assert res.returncode == 1 and "no built-in config matches" in res.stderr
+    assert res.returncode == 1 and res.stderr.strip() == "error: no built-in config matches 'no_such_model'"
+    res = run_cli("list-cfg", "-p", "internlm2_1_8b")  # the tutorial's spelling
+    assert res.returncode == 1 and "did you mean 'internlm2_chat_1_8b' (tunelab list-cfg -p internlm2_chat_1_8b)" \
+        in res.stderr
 
 
 def test_errors_are_one_line_unless_debug(tmp_path):

@@ -101,11 +101,14 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_list_cfg(args: argparse.Namespace) -> int:
-    from tunelab.config.catalog import list_configs
+    from tunelab.config.catalog import list_configs, near_models
 
     names = list_configs(args.pattern)
     if not names:
-        raise ConfigError(f"no built-in config matches '{args.pattern}'")
+        near = near_models(args.pattern or "")
+        hint = f"; did you mean '{near[0]}' (tunelab list-cfg -p {near[0]})?" if len(near) == 1 else \
+            f"; models with those words: {', '.join(near)}" if near else ""
+        raise ConfigError(f"no built-in config matches '{args.pattern}'{hint}")
     print("\n".join(names))
     return 0
 
@@ -432,7 +435,7 @@ def _add_serving_commands(sub) -> None:
         if name == "serve":
             s.add_argument("--model-name", help="the model id reported by /v1/models (default: folder name)")
             s.add_argument("--max-batch", type=int, default=8,
-                           help="queued greedy requests answered together (1: one at a time)")
+                           help="queued greedy requests answered together (default: %(default)s; 1: one at a time)")
         s.set_defaults(func=cmd_web if name == "web" else cmd_serve)
     s = sub.add_parser("export-app", help="write a folder deployable as a Gradio app (e.g. a hub Space)")
     s.add_argument("model")

@@ -27,6 +27,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def count(n: int, noun: str) -> str:
+    """'1 step', '12 steps': a number with its noun."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def info(msg: str) -> None:
     if is_main_process():
         console.print(msg, markup=False)

@@ -227,3 +227,12 @@ def test_cuda_graphs_with_accumulation_or_checkpointing_are_refused(tmp_path, ov
     assert says in str(e.value)
     ok = load_config(write(tmp_path, BASE.format(model="m")), ["model.compile=cudagraphs", "train.accumulative_counts=1"])
     assert ok.model.compile == "cudagraphs"
+
+
+def test_a_typo_in_a_command_line_override_is_blamed_on_the_command_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE.format(model="m")), ["data.max_lenght=1024"])
+    assert str(e.value).startswith("command line 'data.max_lenght=1024': unknown key 'data.max_lenght'")
+    assert "did you mean 'data.max_length'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"^command line 'train\.lr=-1': train\.lr"):
+        load_config(write(tmp_path, BASE.format(model="m")), ["train.lr=-1"])

@@ -116,4 +116,5 @@ def test_quantized_weights_on_a_cpu_warn_once_and_point_to_lora(tiny_model_dir: 
         ui.remove_warning_sink(sink)
     assert len(seen) == 1 and ui.warning_counts["quantized_on_cpu"] == 2
     assert seen[0].startswith("nf4 weights on a CPU are de-quantised again for every matrix multiplication")
-    assert "use the LoRA config instead (the same name with _lora_ for _qlora_, or model.quantization=none)" in seen[0]
+    assert "train with the LoRA config instead (the same name with _lora_ for _qlora_, or model.quantization=none) " \
+        "and chat without --bits" in seen[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,13 @@ def list_configs(pattern: str | None = None) -> list[str]:
         pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         names = [n for n in names if fnmatch.fnmatch(n, pat)]
     return names
+
+
+def near_models(pattern: str) -> list[str]:
+    """The models whose config names hold every word of a pattern that matched none, in any order, e.g.
+    'internlm2_1_8b' (the XTuner tutorial's spelling) -> ['internlm2_chat_1_8b']."""
+    words = [w for w in re.split(r"[_\W]+", pattern.lower()) if w]
+    return sorted({CATALOG[n][0] for n in CATALOG if words and all(w in n.split("_") for w in words)})
 
 
 def build_config(name: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def load_config(source: str | Path, overrides: list[str] | None = None, cwd: Pat
     for item in overrides or []:
         keys = apply_override(raw, item)
         _resolve_raw_paths(raw, cwd, touched=keys)
-    return validate(raw, source=str(source), yaml_text=text)
+    return validate(raw, source=str(source), yaml_text=text, overrides=overrides or [])
 
 
 def config_name(source: str | Path) -> str:
@@ -67,11 +67,11 @@ def _parse_yaml(text: str, path: Path) -> dict:
     return raw
 
 
-def validate(raw: dict, source: str = "config", yaml_text: str | None = None) -> Config:
+def validate(raw: dict, source: str = "config", yaml_text: str | None = None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(explain(e, raw, source, yaml_text)) from None
+        raise ConfigError(explain(e, raw, source, yaml_text, overrides)) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -117,8 +117,10 @@ def _list_index(items: list, keys: list[str], depth: int, item: str) -> int:
     return i
 
 
-def explain(err: ValidationError, raw: dict, source: str, yaml_text: str | None) -> str:
-    """One line per problem: the dotted key, what is wrong, the value given and, for typos, a suggestion."""
+def explain(err: ValidationError, raw: dict, source: str, yaml_text: str | None, overrides: list[str] = ()) -> str:
+    """One line per problem: where (the file's line, or the command line's KEY=VALUE that set it), the dotted key,
+    what is wrong, the value given and, for typos, a suggestion."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides}
     lines: list[str] = []
     seen: set[str] = set()
     for e in err.errors():
@@ -136,7 +138,11 @@ def explain(err: ValidationError, raw: dict, source: str, yaml_text: str | None)
             msg = f"{key}: {text} (got {_short(e.get('input'))})" if loc else text
         where = source
         line = find_line(yaml_text, loc) if yaml_text else None
-        if line:
+        setter = next((given[k] for k in (".".join(str(p) for p in loc[:i]) for i in range(len(loc), 0, -1))
+                       if k in given), None)
+        if setter is not None:  # the last word was the command line's
+            where = f"command line '{setter}'"
+        elif line:
             where = f"{source}:{line}"
         full = f"{where}: {msg}"
         if full not in seen:

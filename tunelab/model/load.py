@@ -23,8 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_QUANTIZATION_WARNING = (
     "{quantization} weights on a CPU are de-quantised again for every matrix multiplication, so training and "
     "generation run several times slower than with plain weights (one step of the QLoRA tutorial config took 4x "
-    "a LoRA step); on a CPU use the LoRA config instead (the same name with _lora_ for _qlora_, or "
-    "model.quantization=none)")
+    "a LoRA step); on a CPU, train with the LoRA config instead (the same name with _lora_ for _qlora_, or "
+    "model.quantization=none) and chat without --bits")
 
 
 def resolve_model_path(path: str) -> str:

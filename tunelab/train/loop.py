@@ -257,7 +257,8 @@ def run_loop(run: Run) -> RunResult:
         png = plot_loss(run.folder.log_dir / "scalars.jsonl", run.folder.log_dir / "loss_curve.png")
         if png:
             logger.info(f"loss curve: {png}")
-    logger.info(f"done: {state.step} steps, final loss {out.loss:.4f}; checkpoint {last_saved}")
+    logger.info(f"done: {ui.count(state.step, 'step')}, last step's loss {out.loss:.4f}; "
+                f"checkpoint {last_saved}")
     assert last_saved is not None
     return RunResult(run.folder.work_dir, run.folder.log_dir, last_saved, state.step, out.loss)
 

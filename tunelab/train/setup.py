@@ -134,8 +134,9 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     if total < 10:
-        ui.warn("short_run", f"only {total} optimizer steps ({len(rows)} rows, {rows_per_step} rows per step); "
-                             f"warmup takes {warmup_steps(total, cfg.train.warmup_ratio)} of them")
+        ui.warn("short_run", f"only {ui.count(total, 'optimizer step')} ({ui.count(len(rows), 'row')}, "
+                             f"{ui.count(rows_per_step, 'row')} per step); warmup takes "
+                             f"{warmup_steps(total, cfg.train.warmup_ratio)} of them")
     state = ckpt_io.TrainState(total_steps=total, fingerprint=resume.fingerprint(cfg, len(rows), par.world_size),
                                log_dir=str(folder.log_dir))
     chat = None  # only runs that evaluate need a chat template (pretraining data may have none)
@@ -148,9 +149,10 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
               peak_flops(par.device))
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
-    logger.info(f"training: {total} steps ({steps_per_epoch}/epoch x {cfg.train.max_epochs} epochs"
+    logger.info(f"training: {ui.count(total, 'step')} ({steps_per_epoch}/epoch x "
+                f"{ui.count(cfg.train.max_epochs, 'epoch')}"
                 f"{', capped by max_steps' if cfg.train.max_steps and total == cfg.train.max_steps else ''}), "
-                f"{rows_per_step} rows of <= {cfg.data.max_length} tokens per step; logs in {folder.log_dir}")
+                f"{ui.count(rows_per_step, 'row')} of <= {cfg.data.max_length} tokens per step; logs in {folder.log_dir}")
     return run
 
 
