@@ -209,12 +209,17 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_self_cognition(args: argparse.Namespace) -> int:
-    from tunelab.infer.selfcog_eval import evaluate_self_cognition
+    from tunelab.infer.selfcog_eval import evaluate_self_cognition, held_out_questions
     from tunelab.model.generate import load_chat_model
 
     chat = load_chat_model(args.model, adapter=args.adapter, template=args.prompt_template,
                            trust_remote_code=args.trust_remote_code, device=args.device)
-    rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc)
+    total = len(held_out_questions())
+    print(f"answering {total} held-out questions on {chat.device} (a few minutes on a CPU)", file=sys.stderr,
+          flush=True)
+    with ui.progress(total, "answering") as answered:
+        rep = evaluate_self_cognition(chat, args.name, system=args.system, model_desc=args.model_desc,
+                                      answered=answered)
     if args.verbose:
         print("\n".join(rep.lines()))
     print(json.dumps(rep.summary()))

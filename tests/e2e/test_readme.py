@@ -124,6 +124,8 @@ def test_held_out_self_cognition_rates(readme_run):
     print(res.stdout)
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["identity_questions"] >= 16 and report["general_questions"] >= 20
+    total = report["identity_questions"] + report["general_questions"]
+    assert f"answering {total} held-out questions on cpu" in res.stderr  # minutes on a CPU: said before it starts
     assert report["identity_rate"] >= 0.9
     # Loops and echoed questions count as failures: the base model itself scores 19/22 = 86% (BENCHMARKS.md).
     assert report["general_rate"] >= 0.6

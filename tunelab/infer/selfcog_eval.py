@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.data.formats import Conversation, Message
@@ -80,13 +81,22 @@ def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -
     return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens), batch_size=128)
 
 
+def held_out_questions() -> list[str]:
+    """Every question evaluate_self_cognition asks: the identity ones, then the general ones."""
+    return [q for qs in IDENTITY_HELD_OUT.values() for q in qs] + list(GENERAL_HELD_OUT)
+
+
 def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = None, model_desc: str | None = None,
-                            max_new_tokens: int = 64) -> SelfCognitionReport:
+                            max_new_tokens: int = 64, answered: Callable[[int], None] = lambda n: None
+                            ) -> SelfCognitionReport:
+    """`answered(n)` is called as answers come in (a progress bar)."""
     questions = [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
 
     def ask(qs: list[str]) -> list[str]:
         convs = [Conversation(([Message("system", system)] if system else []) + [Message("user", q)]) for q in qs]
-        return generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
+        answers = generate_batch(chat, convs, GenerationOptions(max_new_tokens=max_new_tokens))
+        answered(len(answers))
+        return answers
 
     ident = [{"question": q, "answer": a, "degenerate": degenerate(a, q),
               "ok": names_owner(a, name) and degenerate(a, q) is None} for q, a in zip(questions, ask(questions))]

@@ -320,6 +320,9 @@ def _report_ranks(run: Run, to_console: bool) -> None:
 def _evaluate(run: Run, step: int) -> None:
     """Every process generates (a sharded model answers only when all take part); rank 0 writes."""
     cfg = run.cfg
+    if run.par.is_main:  # minutes on a CPU: say so before, not only after
+        run.folder.logger.info(f"eval step {step}: answering {ui.count(len(cfg.runtime.evaluation_inputs), 'question')}"
+                               f" (up to {cfg.runtime.evaluation_max_new_tokens} new tokens each)")
     with parallel.unsharded(run.par, run.loss_module):
         results = evaluate_chat(run.chat, cfg.runtime.evaluation_inputs, cfg.data.system,
                                 cfg.runtime.evaluation_max_new_tokens)
