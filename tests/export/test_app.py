@@ -143,7 +143,7 @@ def test_exported_app_stops_generating_at_a_stop_word(tiny_model_dir: Path, tmp_
     assert free_calls == 48 and len(free) > 30, free  # the tiny model talks to the limit without a stop word
     stop = free[len(free) // 3:len(free) // 3 + 6]
     cut, cut_calls = run([stop])
-    assert cut == free[:free.index(stop)].strip()
+    assert cut == free[:free.index(stop)].removesuffix(module.BROKEN).strip()  # an answer never ends in U+FFFD
     assert cut_calls < free_calls * 2 // 3, (cut_calls, free_calls)  # it stopped there, not just trimmed
 
 

@@ -23,7 +23,8 @@ from tunelab.errors import TunelabError
 from tunelab.model.adapters import attach_adapter, check_adapter
 from tunelab.model.load import choose_device, load_model, load_tokenizer, resolve_model_path
 
-# What decoding shows for the bytes of a character that the token limit cut in two.
+# What decoding shows for the bytes of a character that the token limit cut in two (one, however many bytes are
+# missing): an answer never ends in it, here and in the exported app (export/app_template/app.py).
 BROKEN = "\ufffd"
 
 
@@ -192,8 +193,7 @@ def generate_from_ids(chat: ChatModel, prompts: Sequence[list[int]], opts: Gener
             text = _trim(raw, stops)
             ended = n < len(row) or (n > 0 and row[n - 1] in ends)
             reason = "stop" if ended or len(text) < len(raw) or n < opts.max_new_tokens else "length"
-            if reason == "length":
-                text = text.rstrip(BROKEN)  # a character whose bytes the token limit cut in two
+            text = text.removesuffix(BROKEN)  # a character whose bytes the token limit cut in two
             out.append(Generated(text.strip(), len(ids), n, reason))
     return out
 
@@ -268,7 +268,7 @@ def stream_from_ids(chat: ChatModel, ids: list[int], opts: GenerationOptions,
                     cancel.set()  # nothing after a stop word is shown: stop computing it
                 # hold back a tail that could be the start of a stop word
                 hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-                hold = max(hold, len(text) - len(text.rstrip(BROKEN)))  # the token limit may cut a character
+                hold = max(hold, 1 if text.endswith(BROKEN) else 0)  # the token limit may cut a character
                 visible = len(text) - (0 if stopped else hold)
                 if visible > shown:
                     yield text[shown:visible]
@@ -276,12 +276,11 @@ def stream_from_ids(chat: ChatModel, ids: list[int], opts: GenerationOptions,
             worker.join()
             if errors:
                 raise errors[0]
-            ended = stopped or streamer.last in kwargs["eos_token_id"]
-            cut_short = streamer.generated >= opts.max_new_tokens and not ended
-            tail = text[shown:].rstrip(BROKEN) if cut_short else text[shown:]
+            tail = text[shown:].removesuffix(BROKEN)
             if not stopped and tail:
                 yield tail
-            stats.finish_reason = "length" if cut_short else "stop"
+            ended = stopped or streamer.last in kwargs["eos_token_id"]
+            stats.finish_reason = "length" if streamer.generated >= opts.max_new_tokens and not ended else "stop"
         finally:
             cancel.set()  # a consumer that stopped early: end generation before the lock is released
             worker.join()

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 HERE = Path(__file__).resolve().parent
+# Decoding shows one of these for a character whose bytes the token limit cut in two: an answer never ends in it.
+BROKEN = "\ufffd"
 
 
 class ChatApp:
@@ -108,9 +110,9 @@ class ChatApp:
                 if not stopped:  # hold back a tail that may be the start of a stop word
                     hold = max((k for s in self.stops for k in range(1, len(s)) if shown.endswith(s[:k])), default=0)
                     shown = shown[:len(shown) - hold]
-                yield shown
+                yield shown.removesuffix(BROKEN)
             worker.join()  # the model is free before the next answer takes the lock
-        yield self.cut_at_stop(text)[0].strip()
+        yield self.cut_at_stop(text)[0].removesuffix(BROKEN).strip()
 
 
 def to_messages(history, question=None, partial=""):
