@@ -214,3 +214,16 @@ def assert_port_in_use_error(command: str, model_dir: Path) -> None:
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], r.stderr
+
+
+def assert_stops_with_exit_0(command: str, model_dir: Path, sig: int, path: str = "/") -> None:
+    """`tunelab web|serve` started as a shell starts a background job (SIGINT ignored) stops on `sig` with exit
+    code 0 and says it stopped."""
+    port = free_port()
+    cmd = tunelab_cmd(command, str(model_dir), "--port", str(port), "--device", "cpu")
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as `cmd &` does)
+    with server_process(cmd, f"http://127.0.0.1:{port}{path}", preexec_fn=ignore_sigint) as proc:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert proc.returncode == 0, proc.output()[-3000:]
+        assert f"tunelab {command}: stopped" in proc.output()

@@ -3,14 +3,14 @@ loopback port. Chromium must be installed (`apt-get install -y chromium`); witho
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.infer.support import assert_port_in_use_error, free_port, server_process, tunelab_cmd
+from tests.infer.support import assert_port_in_use_error, assert_stops_with_exit_0, free_port, server_process, \
+    tunelab_cmd
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -113,15 +113,7 @@ def test_web_page_answers_in_browser(default_model_dir: Path, tmp_path: Path) ->
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_the_page_cleanly_also_from_a_background_job(tiny_model_dir: Path, sig) -> None:
-    """A shell starts background jobs with SIGINT ignored; `tunelab web` still stops on it, and on SIGTERM."""
-    port = free_port()
-    cmd = tunelab_cmd("web", str(tiny_model_dir), "--port", str(port), "--device", "cpu")
-    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as `cmd &` does)
-    with server_process(cmd, f"http://127.0.0.1:{port}/", preexec_fn=ignore_sigint) as proc:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
-        assert proc.returncode == 0, proc.output()[-3000:]
-        assert "tunelab web: stopped" in proc.output()
+    assert_stops_with_exit_0("web", tiny_model_dir, sig)
 
 
 def test_web_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:

@@ -4,7 +4,6 @@ non-streamed request stops its generation (the server's /health counters tell)."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import time
@@ -14,7 +13,8 @@ import httpx
 import pytest
 
 from tests.conftest import build_tiny_model
-from tests.infer.support import assert_port_in_use_error, free_port, server_process, tunelab_cmd
+from tests.infer.support import assert_port_in_use_error, assert_stops_with_exit_0, free_port, server_process, \
+    tunelab_cmd
 
 
 def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
@@ -23,14 +23,7 @@ def test_serve_port_in_use_is_one_line_error(tiny_model_dir: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_the_server_with_exit_0_also_from_a_background_job(tiny_model_dir: Path, sig) -> None:
-    port = free_port()
-    cmd = tunelab_cmd("serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu")
-    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as `cmd &` does)
-    with server_process(cmd, f"http://127.0.0.1:{port}/health", preexec_fn=ignore_sigint) as proc:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
-        assert proc.returncode == 0, proc.output()[-3000:]
-        assert "tunelab serve: stopped" in proc.output()
+    assert_stops_with_exit_0("serve", tiny_model_dir, sig, "/health")
 
 
 def long_context_tiny_model(tiny_model_dir: Path, out: Path, context: int) -> Path:
