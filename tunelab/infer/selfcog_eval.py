@@ -83,14 +83,18 @@ def replay_answers(model: str, questions: list[str], max_new_tokens: int = 96) -
 
 def held_out_questions() -> list[str]:
     """Every question evaluate_self_cognition asks: the identity ones, then the general ones."""
-    return [q for qs in IDENTITY_HELD_OUT.values() for q in qs] + list(GENERAL_HELD_OUT)
+    return _identity_questions() + list(GENERAL_HELD_OUT)
+
+
+def _identity_questions() -> list[str]:
+    return [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
 
 
 def evaluate_self_cognition(chat: ChatModel, name: str, system: str | None = None, model_desc: str | None = None,
                             max_new_tokens: int = 64, answered: Callable[[int], None] = lambda n: None
                             ) -> SelfCognitionReport:
     """`answered(n)` is called as answers come in (a progress bar)."""
-    questions = [q for qs in IDENTITY_HELD_OUT.values() for q in qs]
+    questions = _identity_questions()
 
     def ask(qs: list[str]) -> list[str]:
         convs = [Conversation(([Message("system", system)] if system else []) + [Message("user", q)]) for q in qs]
