@@ -5,7 +5,8 @@
 set -u -o pipefail
 call=$1; tok=${2:-}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
-R=$OUT/$(date +%Y%m%d)_h100_$call.jsonl
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]00' | tr H h)
+R=$OUT/$(date +%Y%m%d)_${gpu:-gpu}_$call.jsonl
 M=${TL_MODELS:-/tmp/tl_models}
 start=$(date +%s)
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - start) )); }
@@ -61,6 +62,37 @@ case $call in
     timeout 300 python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 8 full_7b
     CUDA_VISIBLE_DEVICES=0 TL_MODELS=$M timeout $(( $(left) - 5 )) python3 bench/sharded_check.py full_7b
     cp bench/results/*sharded_check.jsonl "$OUT/" 2>/dev/null
+    ;;
+  x2_qlora)  # nvidia-h100-x2: QLoRA under FSDP2, bitsandbytes NF4 in bf16 storage against torchao's NF4Tensor
+    qs() { n=$1; t=$2; shift 2; timeout "$t" torchrun --standalone --nproc_per_node "$n" bench/qlora_sharding.py \
+        --models "$M" --out "$R" "$@" 2>&1 | grep -v "warn\|Failed to load\|KernelPreference\|ScaleCalc\|^W11\|Loading weights" \
+        | tee -a "$OUT/qlora_sharding.log" | tail -3 | cut -c1-1200; }
+    qs 2 150 --quant bnb --strategy zero3 --prof
+    qs 2 120 --quant torchao --strategy zero3 --prof
+    qs 1 75 --quant bnb --strategy none
+    qs 1 75 --quant torchao --strategy none
+    qs 1 60 --quant torchao --strategy zero3
+    qs 2 60 --quant bnb --strategy zero3 --compile off
+    qs 2 $(( $(left) - 3 )) --quant torchao --strategy zero3 --compile off
+    ;;
+  x2_qlora_cli)  # nvidia-h100-x2: QLoRA through `torchrun -m tunelab train`: 1 GPU, then zero3 on 2 with each format
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1,2 --steps 10 qlora_1_8b
+    ;;
+  x2_qlora70b)  # nvidia-h100-x2: 70B-shape QLoRA, zero3 on 2 GPUs (float8 random weights written first)
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 qlora_70b
+    df -h /tmp | tail -1
+    ;;
+  x2_cli)  # one GPU: the CLI against the bench with the default log interval (10), then a profiled start-up
+    timeout 330 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 \
+        --log-interval 10 --profile-startup lora_1_8b  # first: its model folder has the tokenizer the CLI needs
+    CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:mb=4
+    ;;
+  x2_startup)  # one GPU: start-up with Python's bytecode cached (the host's packages ship none, so each fresh
+    # process compiled ~2,900 source files: 7.8 s of call x2_cli's profile); a pip install writes it once
+    export PYTHONPYCACHEPREFIX=/tmp/pycache
+    for i in 1 2; do timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 4 lora_1_8b; done
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 2 --profile-startup \
+        lora_1_8b
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

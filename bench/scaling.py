@@ -8,6 +8,12 @@ Cases (random-weight models of the peer's shapes, bench/peer_baseline.py; word-l
                  step and its losses can be compared; then ddp, zero2 and zero3 on each larger GPU count.
   full_7b        7B-shape full fine-tune, zero3, 4 x 4096 rows per GPU, on the largest GPU count (tokens/s per
                  GPU, peak memory per GPU).
+  qlora_1_8b     1.8B QLoRA r64, 1 x 4096 rows per GPU: one GPU (bitsandbytes NF4), then zero3 on the largest GPU
+                 count with each NF4 format (auto = torchao's NF4Tensor; bitsandbytes packed in bf16), and
+                 zero3_offload (auto); every run trains on the same rows per step.
+  qlora_70b      70B-shape QLoRA r64, zero3 on the largest GPU count, 1 x 2048 rows per GPU, 6 steps: does it
+                 fit, at what memory and speed. The random weights are saved in float8 (a 70B model in bf16,
+                 140 GB, exceeds the host's disk); loading casts them to bf16 and quantizes them to NF4.
   nodes          two "nodes" on one host (torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT,
                  one process and one GPU each), zero3, 1.8B LoRA 1 x 2048: trains 4 steps and saves; then
                  --resume with max_steps 8 on the same two nodes.
@@ -37,13 +43,64 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peer_baseline import SHAPES  # noqa: E402  (bench/ on the path first)
-from sharded_check import WORDS, make_model  # noqa: E402  (random-weight models of the peer shapes)
+from sharded_check import WORDS, make_model, word_tokenizer  # noqa: E402  (random-weight models, peer shapes)
 
 # a smoke test of this script on a CPU: --shape tiny
 SHAPES.setdefault("tiny", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": len(WORDS) + 4})
+# ... and of qlora_1_8b, wide enough for torchao's NF4 blocks: --shape small
+SHAPES.setdefault("small", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                            "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": len(WORDS) + 4})
+
+SHAPES.setdefault("70b", {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                          "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256})  # Llama-3-70B
 
 ROW = 4096
+
+
+def make_fp8_model(shape: str, root: Path, shard_bytes: int = 4 << 30) -> Path:
+    """A random-weight Llama of the shape in float8 files (norms in bf16), written one tensor at a time."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = root / f"{shape}_fp8"
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(cfg).state_dict().items()}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, shp in shapes.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shp, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02).to(torch.float8_e4m3fn)
+        shard[name] = t.cpu()
+        size += t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    cfg.save_pretrained(str(out))
+    word_tokenizer().save_pretrained(str(out))
+    return out
 
 
 def make_data(root: Path, n_docs: int = 2400) -> Path:
@@ -56,13 +113,17 @@ def make_data(root: Path, n_docs: int = 2400) -> Path:
     return out
 
 
+LOG_INTERVAL = 1  # --log-interval
+
+
 def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int, accum: int, steps: int,
-                 max_length: int = ROW) -> Path:
-    cfg = {"model": {"path": str(model), "lora": {"r": 64, "alpha": 16, "dropout": 0.0} if lora else None},
+                 max_length: int = ROW, **model_keys) -> Path:
+    cfg = {"model": {"path": str(model), "lora": {"r": 64, "alpha": 16, "dropout": 0.0} if lora else None,
+                     **model_keys},
            "data": {"path": str(data), "format": "pretrain", "max_length": max_length, "pack_to_max_length": True},
            "train": {"batch_size": rows, "accumulative_counts": accum, "max_steps": steps,
                      "lr": 2e-4 if lora else 1e-5, "dtype": "bfloat16", "seed": 0},
-           "runtime": {"log_interval": 1, "save_steps": 10_000, "save_total_limit": 1}}
+           "runtime": {"log_interval": LOG_INTERVAL, "save_steps": 10_000, "save_total_limit": 1}}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -77,7 +138,12 @@ def launch(cfg: Path, work: Path, gpus: int, strategy: str, timeout: int, extra:
         cmd += ["--deepspeed", strategy]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:  # what it logged until then still counts
+        tail = (e.stderr or b"")[-1500:]
+        return {"rc": "timeout", "wall_s": round(time.time() - t0), **read_run(work),
+                "error": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
     return {"rc": proc.returncode, "wall_s": round(time.time() - t0), **read_run(work),
             **({"error": (proc.stderr + proc.stdout)[-1500:]} if proc.returncode else {})}
 
@@ -89,7 +155,7 @@ def read_run(work: Path) -> dict:
         return {}
     rows = [json.loads(x) for x in scalars[-1].read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "loss" in r]
-    speeds = sorted(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r)
+    speeds = sorted(r["tokens_per_s"] for r in rows[2 if LOG_INTERVAL == 1 else 1:] if "tokens_per_s" in r)
     out = {"losses": [round(r["loss"], 5) for r in rows], "steps": [rows[0].get("step"), rows[-1].get("step")]
            if rows else None,
            "tokens_per_s": round(speeds[len(speeds) // 2]) if speeds else None,
@@ -101,12 +167,24 @@ def read_run(work: Path) -> dict:
                       logs[-1].read_text())
         if m:
             out.update(first_step_s=float(m.group(1)), startup_s=float(m.group(2)))
+        hosts = re.findall(r"rank \d+: .*peak host ([\d.]+) GiB", logs[-1].read_text())
+        if hosts:
+            out["peak_host_gib_per_rank"] = [float(h) for h in hosts]
     return out
 
 
 def rel_diff(a: list[float], b: list[float]) -> float | None:
     pairs = list(zip(a, b))
     return round(max(abs(x - y) / abs(y) for x, y in pairs), 5) if pairs else None
+
+
+def per_gpu(r: dict, n: int, base: dict | None = None) -> dict:
+    """Adds tokens/s per GPU and, against the one-GPU run `base`, the scaling efficiency."""
+    if r.get("tokens_per_s"):
+        r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
+    if n > 1 and base and base.get("tokens_per_s_per_gpu") and r.get("tokens_per_s_per_gpu"):
+        r["efficiency"] = round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
+    return r
 
 
 def lora_scaling(root: Path, gpus: list[int], steps: int, emit, shape: str,
@@ -122,12 +200,10 @@ def lora_scaling(root: Path, gpus: list[int], steps: int, emit, shape: str,
             r = launch(cfg, work, n, strategy, timeout=300)
             r.update(case="lora_1_8b", strategy=strategy if n > 1 else "single", gpus=n,
                      rows_per_step=rows_per_step)
-            if r.get("tokens_per_s"):
-                r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
+            per_gpu(r, n, base)
             if n == 1:
                 base = r
-            elif base and base.get("tokens_per_s_per_gpu") and r.get("tokens_per_s_per_gpu"):
-                r["efficiency"] = round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
+            elif base:
                 r["max_rel_diff_vs_1gpu"] = rel_diff(r.get("losses", []), base.get("losses", []))
             emit(r)
             shutil.rmtree(work, ignore_errors=True)  # the checkpoint (~0.8 GB)
@@ -140,10 +216,43 @@ def full_7b(root: Path, gpus: list[int], steps: int, emit) -> None:
     cfg = write_config(work, model, data, lora=False, rows=4, accum=1, steps=steps)
     r = launch(cfg, work, n, "zero3", timeout=420)
     r.update(case="full_7b", strategy="zero3", gpus=n)
-    if r.get("tokens_per_s"):
-        r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / n)
-    emit(r)
+    emit(per_gpu(r, n))
     shutil.rmtree(work, ignore_errors=True)  # weights and sharded optimizer state, ~80 GB
+
+
+def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
+    model, data = make_model(shape, root), make_data(root)
+    n = max(gpus)
+    base = None
+    runs = [(1, "single", "auto")] + [(n, s, f) for s, f in (("zero3", "auto"), ("zero3", "bitsandbytes"),
+                                                              ("zero3_offload", "auto"))]
+    for k, strategy, fmt in runs:
+        work = root / "runs" / f"qlora_{k}_{strategy}_{fmt}"
+        shutil.rmtree(work, ignore_errors=True)
+        cfg = write_config(work, model, data, lora=True, rows=1, accum=n // k, steps=steps, quantization="nf4",
+                           nf4_format=fmt)
+        r = launch(cfg, work, k, "ddp" if k == 1 else strategy, timeout=300)
+        log = "".join(p.read_text() for p in work.rglob("train.log"))
+        m = re.search(r"nf4 \((\w+)\)", log)
+        r.update(case="qlora_1_8b", strategy=strategy, gpus=k, nf4_format=fmt, stored_as=m.group(1) if m else None)
+        emit(per_gpu(r, k, base))
+        base = base or r
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def qlora_70b(root: Path, gpus: list[int], steps: int, emit) -> None:
+    t0 = time.time()
+    model, data = make_fp8_model("70b", root), make_data(root)
+    made_s = round(time.time() - t0)
+    n = max(gpus)
+    work = root / "runs" / f"qlora70b_{n}_zero3"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = write_config(work, model, data, lora=True, rows=1, accum=1, steps=steps, max_length=2048,
+                       quantization="nf4")
+    r = launch(cfg, work, n, "zero3", timeout=max(60, 560 - made_s))
+    r.update(case="qlora_70b", strategy="zero3", gpus=n, model_written_s=made_s)
+    emit(per_gpu(r, n))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def two_nodes(root: Path, emit, shape: str, port: int = 29571) -> None:
@@ -172,16 +281,39 @@ def two_nodes(root: Path, emit, shape: str, port: int = 29571) -> None:
           "checkpoints": checkpoints})
 
 
+def profile_startup(root: Path, shape: str, out: Path) -> None:
+    """Where a fresh `tunelab train` process spends its time before and in its first steps (cProfile)."""
+    import pstats
+
+    work = root / "runs" / "profile"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = write_config(work, make_model(shape, root), make_data(root), lora=True, rows=4, accum=1, steps=2)
+    prof = out / "startup.prof"
+    subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "tunelab", "train", str(cfg),
+                    "--work-dir", str(work)], env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, check=False,
+                   capture_output=True, timeout=300)
+    with open(out / "startup_profile.txt", "w") as f:
+        stats = pstats.Stats(str(prof), stream=f)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(30)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "nodes"])
+    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "qlora_1_8b", "qlora_70b", "nodes"])
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--root", default="/tmp/tl_models")
     ap.add_argument("--strategies", default="ddp,zero2,zero3", help="lora_1_8b on more than one GPU")
     ap.add_argument("--out")
-    ap.add_argument("--shape", default="1_8b", help="lora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
+    ap.add_argument("--profile-startup", action="store_true",
+                    help="lora_1_8b: also run the 1-GPU case once under cProfile (2 steps), stats to --out's folder")
+    ap.add_argument("--shape", default="1_8b", help="lora_1_8b, qlora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
+    ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
     a = ap.parse_args()
+    global LOG_INTERVAL
+    LOG_INTERVAL = a.log_interval
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     gpus = [int(x) for x in a.gpus.split(",")]
@@ -199,8 +331,14 @@ def main() -> None:
     for case in a.cases:
         if case == "lora_1_8b":
             lora_scaling(root, gpus, a.steps, emit, a.shape, tuple(a.strategies.split(",")))
+            if a.profile_startup:
+                profile_startup(root, a.shape, Path(a.out).parent if a.out else root)
         elif case == "full_7b":
             full_7b(root, gpus, max(4, a.steps // 2), emit)
+        elif case == "qlora_1_8b":
+            qlora(root, gpus, a.steps, emit, a.shape)
+        elif case == "qlora_70b":
+            qlora_70b(root, gpus, 6, emit)
         else:
             two_nodes(root, emit, a.shape)
 

@@ -43,19 +43,26 @@ WORDS = [f"w{i}" for i in range(2000)]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script itself
 
 
-def make_model(shape: str, root: Path) -> Path:
-    """A random-weight Llama of the shape, saved with a word-level tokenizer (no network on the GPU host)."""
+def word_tokenizer():
+    """A word-level tokenizer of WORDS (no network on the GPU host)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_model(shape: str, root: Path) -> Path:
+    """A random-weight Llama of the shape, saved with a word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = root / shape
     if (out / "config.json").exists():
         return out
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = word_tokenizer()
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)

@@ -48,11 +48,13 @@ def build_tiny_tokenizer(out: Path):
     return fast
 
 
-def build_tiny_model(out: Path, vocab_size: int, seed: int = 0, layers: int = 2):
+def build_tiny_model(out: Path, vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32,
+                     kv_heads: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                      num_key_value_heads=kv_heads,
                       num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=3, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
@@ -67,6 +69,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     tok = build_tiny_tokenizer(out)
     build_tiny_model(out, len(tok))
+    return out
+
+
+@pytest.fixture(scope="session")
+def nf4_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, wide enough (hidden 256) that torchao quantizes every decoder weight to NF4 on up to 4
+    processes (model/nf4.py: a process's shard holds whole blocks of 64 x 256 weights)."""
+    out = tmp_path_factory.mktemp("nf4_model")
+    tok = build_tiny_tokenizer(out)
+    build_tiny_model(out, len(tok), hidden=256, kv_heads=4)
     return out
 
 

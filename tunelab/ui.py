@@ -84,11 +84,14 @@ def quiet_libraries(debug: bool) -> None:
     # transformers' own bars (GGUF de-quantising, "Loading weights", "Writing model shards") ignore its
     # disable_progress_bar(); tqdm reads this when it is first imported, which is after this point.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # torch's own loggers (its deprecation notes when torchao registers types, compile notices): errors only.
+    # torch re-applies this setting whenever it sets up its logging, which a logger's level would not survive.
+    os.environ.setdefault("TORCH_LOGS", "-torch")
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx",
+    for name in ("transformers", "peft", "datasets", "torch", "bitsandbytes", "accelerate", "httpx", "torchao",
                  "liger_kernel"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -120,6 +120,16 @@ def test_qlora_without_lora_is_refused(tmp_path):
         load_config(write(tmp_path, BASE.format(model="m")), ["model.quantization=nf4", "model.lora=null"])
 
 
+def test_dora_with_torchao_nf4_is_refused_and_auto_is_the_default(tmp_path):
+    cfg = write(tmp_path, BASE.format(model="m"))
+    assert load_config(cfg, ["model.quantization=nf4"]).model.nf4_format == "auto"
+    with pytest.raises(ConfigError, match=r"nf4_format=torchao with lora\.use_dora: peft's DoRA cannot "
+                                          r"de-quantize torchao's NF4 weights; use nf4_format auto or bitsandbytes"):
+        load_config(cfg, ["model.quantization=nf4", "model.nf4_format=torchao", "model.lora.use_dora=true"])
+    with pytest.raises(ConfigError, match=r"model\.nf4_format"):
+        load_config(cfg, ["model.nf4_format=gptq"])
+
+
 def test_dataset_entries_take_unset_options_from_the_data_section(tmp_path):
     text = BASE.format(model="m").replace("  path: data.jsonl\n", """\
   format: alpaca

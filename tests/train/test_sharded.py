@@ -25,10 +25,20 @@ from tunelab.train.loop import train
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 4  # 16 rows, 4 rows per optimizer step
 FULL = ["model.lora=null", "train.lr=1e-4"]
-METHODS = {"lora": [], "full": FULL, "qlora": ["model.quantization=nf4"], "dora": ["model.lora.use_dora=true"]}
+# QLoRA across processes stores its weights as torchao's NF4Tensor ("auto", model/nf4.py), on a model wide enough
+# for it; its one-process reference asks for the same format
+QLORA = ["model.quantization=nf4", "model.path={nf4_model}"]
+METHODS = {"lora": [], "full": FULL, "qlora": QLORA, "dora": ["model.lora.use_dora=true"],
+           "qdora": ["model.quantization=nf4", "model.lora.use_dora=true"]}  # DoRA keeps bitsandbytes' NF4
+REF_ONLY = {"qlora": ["model.nf4_format=torchao"]}
 # (processes, strategy, method): the one-process run each must reproduce, with the same rows per step
 CASES = [(2, "zero3", "lora"), (2, "zero2", "full"), (2, "zero3", "full"), (2, "zero2", "lora"), (2, "zero3", "qlora"),
-         (2, "zero3", "dora"), (4, "zero3", "lora"), (4, "zero2", "full"), (4, "zero3", "full"), (4, "zero2", "lora")]
+         (2, "zero3", "dora"), (2, "zero3", "qdora"), (4, "zero3", "lora"), (4, "zero2", "full"), (4, "zero3", "full"),
+         (4, "zero2", "lora")]
+
+
+def overrides(method: str, nf4_model: Path) -> list[str]:
+    return [o.format(nf4_model=nf4_model) for o in METHODS[method]]
 
 
 def env(**extra: str) -> dict:
@@ -58,7 +68,7 @@ def assert_same_losses(got: list[dict], ref: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_model_dir):
+def base(tmp_path_factory, tiny_model_dir, nf4_model_dir):
     tmp = tmp_path_factory.mktemp("sharded")
     data = write_jsonl(tmp / "data.jsonl", chat_records(16))
     cfg = tiny_config(tmp, tiny_model_dir, data, data={"pack_to_max_length": False},
@@ -66,20 +76,22 @@ def base(tmp_path_factory, tiny_model_dir):
                       runtime={"save_steps": 2, "save_total_limit": -1, "evaluation_inputs": ["Who are you?"],
                                "evaluation_freq": 2, "evaluation_max_new_tokens": 4})
     refs = {}
-    for method, over in METHODS.items():  # one process, in this process
+    for method in METHODS:  # one process, in this process
+        over = overrides(method, nf4_model_dir) + REF_ONLY.get(method, [])
         res = train(load_config(cfg, over), "tiny", work_dir=tmp / f"ref_{method}")
         refs[method] = res
     return tmp, cfg, refs
 
 
 @pytest.fixture(scope="module")
-def launched(base):
+def launched(base, nf4_model_dir):
     """Every case of CASES: one torchrun launch per process count, the runs one after another inside it."""
     tmp, cfg, _ = base
     out = {}
     for n in (2, 4):
         jobs = [{"config": str(cfg), "work_dir": str(tmp / f"{n}_{s}_{m}"),
-                 "overrides": [f"train.strategy={s}", f"train.accumulative_counts={4 // n}", *METHODS[m],
+                 "overrides": [f"train.strategy={s}", f"train.accumulative_counts={4 // n}",
+                               *overrides(m, nf4_model_dir),
                                "model.gradient_checkpointing=true"]}
                 for (k, s, m) in CASES if k == n]
         spec = tmp / f"jobs{n}.json"
@@ -103,11 +115,13 @@ def test_sharded_runs_give_the_one_process_losses(base, launched, case):
     assert len([p for p in work.iterdir() if p.is_dir() and p.name.startswith("2")]) == 1  # only rank 0 logs
     log = log_text(work)
     assert f"strategy {case[1]} over {case[0]} processes" in log
+    if case[2] in ("qlora", "qdora"):  # "auto": torchao's NF4Tensor, which FSDP2 shards; bitsandbytes for DoRA
+        assert f"LoRA, nf4 ({'torchao' if case[2] == 'qlora' else 'bitsandbytes'})," in log
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_zero3_leaves_each_process_one_nth_of_the_model_and_optimizer_state(launched, n):
-    for method in ("lora", "full"):
+    for method in ("lora", "full", "qlora") if n == 2 else ("lora", "full"):
         log = log_text(launched[(n, "zero3", method)])
         shares = re.findall(r"rank (\d): ([\d,]+) of ([\d,]+) parameter values .*optimizer state ([\d,]+) of "
                             r"([\d,]+) values, peak host ([\d.]+) GiB", log)
@@ -200,6 +214,15 @@ def test_fp16_with_sharding_is_refused_before_anything_loads(base):
     tmp, cfg, _ = base
     with pytest.raises(TrainingError, match=r"train\.dtype float16 with strategy zero3: use bfloat16"):
         train(load_config(cfg, ["train.strategy=zero3", "train.dtype=float16"]), "tiny", work_dir=tmp / "fp16")
+
+
+def test_torchao_nf4_in_a_one_process_sharded_run_is_refused_with_one_line(base):
+    """FSDP2's one-process shortcut cannot rebuild an NF4Tensor; "auto" keeps bitsandbytes there."""
+    tmp, cfg, _ = base
+    with pytest.raises(TrainingError, match=r"^model\.nf4_format torchao with strategy zero3_offload in one "
+                                            r"process: .*use model\.nf4_format auto"):
+        train(load_config(cfg, ["train.strategy=zero3_offload", "model.quantization=nf4",
+                                "model.nf4_format=torchao"]), "tiny", work_dir=tmp / "nf4_one")
 
 
 def test_a_sharded_qlora_run_counts_the_flops_of_the_real_weights(base, tiny_model_dir):

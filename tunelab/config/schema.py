@@ -55,6 +55,10 @@ class ModelSettings(Section):
     path: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
     quantization: Literal["none", "nf4", "int8"] = "none"
+    # How nf4 weights are stored: "auto" takes torchao's NF4Tensor where several processes shard the model
+    # (FSDP2 gathers it without breaking the compiled graph; 1.6x bitsandbytes' speed on 2 GPUs) and bitsandbytes
+    # everywhere else (faster in one process). model/nf4.py has the measurements.
+    nf4_format: Literal["auto", "bitsandbytes", "torchao"] = "auto"
     lora: LoraSettings | None = Field(default_factory=LoraSettings)
     # "auto": only where memory needs it (QLoRA, or activations that would not fit); "offload": also move the
     # checkpointed layer inputs to CPU memory (rows of 100k+ tokens). model/kernels.py decides "auto".
@@ -74,6 +78,9 @@ class ModelSettings(Section):
         if self.quantization != "none" and self.lora is None:
             raise ValueError(f"quantization={self.quantization} (QLoRA) needs model.lora; "
                              "full fine-tuning of quantized weights is not possible")
+        if self.nf4_format == "torchao" and self.lora is not None and self.lora.use_dora:
+            raise ValueError("nf4_format=torchao with lora.use_dora: peft's DoRA cannot de-quantize torchao's NF4 "
+                             "weights; use nf4_format auto or bitsandbytes")
         return self
 
 

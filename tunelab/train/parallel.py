@@ -17,9 +17,9 @@ Sharding wraps each decoder layer, then the loss module as the root. The embeddi
 belong to the root, whose forward *is* the loss computation (train/loss.py), so they are gathered whenever the
 loss function calls the decoder and the head. Generation goes through `unsharded()`.
 
-Weights: a sharded run builds the model on the meta device on every process but rank 0 (QLoRA: every process
-loads its 4-bit copy) and fills each process's shards from rank 0 by broadcast, so host memory holds one full
-copy, not N. State dicts travel by parameter name (train/named_state.py).
+Weights: a sharded run builds the model on the meta device on every process but rank 0 and fills each
+process's shards from rank 0 by broadcast, so host memory holds one full copy, not N. QLoRA: every process loads
+its own 4-bit copy straight onto its GPU (torchao's NF4Tensor across processes: `Parallel.nf4_format`). State dicts travel by parameter name (train/named_state.py).
 
 Every choice that shapes the collectives a step makes (activation checkpointing, compile, Liger) must be the same
 on every process, or their collectives stop pairing up: `min_over_ranks` lets all decide from the same number,
@@ -88,6 +88,21 @@ class Parallel:
         """Does this process read the weights from disk (the others build on the meta device)? Quantized weights
         are loaded by every process: each needs its own quantization state, and 4-bit copies are small."""
         return not self.shards or quantized or self.is_main
+
+    def nf4_format(self, requested: str, dora: bool = False) -> str:
+        """Where nf4 weights are stored. "auto": torchao's NF4Tensor where several processes shard them (FSDP2
+        gathers it inside the compiled step: 1.6x bitsandbytes' speed, model/nf4.py), bitsandbytes elsewhere.
+        One sharding process (zero3_offload on one GPU) keeps bitsandbytes, packed in the compute dtype: FSDP2's
+        one-process shortcut cannot rebuild an NF4Tensor (torch 2.11 to 2.13). DoRA keeps bitsandbytes too: peft
+        de-quantizes torchao weights through a method NF4Tensor defines differently (the config refuses both)."""
+        one_sharding = self.shards and not self.enabled
+        if requested == "torchao" and one_sharding:
+            raise TrainingError(f"model.nf4_format torchao with strategy {self.strategy} in one process: FSDP2 "
+                                "cannot gather torchao's NF4 weights in a one-process group; use model.nf4_format "
+                                "auto (bitsandbytes here) or several processes")
+        if requested != "auto":
+            return requested
+        return "torchao" if self.shards and self.enabled and not dora else "bitsandbytes"
 
     def describe(self) -> str:
         how = STRATEGIES[self.strategy] if (self.shards or self.enabled) else "one process"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,19 @@ def save(run: Any, writer: Writer) -> Path:
 def _live_storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return {t.untyped_storage().data_ptr() for t in local if t.device.type != "meta"}
+    return {t.untyped_storage().data_ptr() for t in _plain_tensors(tensors) if t.device.type != "meta"}
+
+
+def _plain_tensors(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The tensors that own memory: a tensor subclass (a DTensor, torchao's NF4 weight) has none of its own, only
+    the tensors it wraps."""
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            yield from _plain_tensors([x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)])
+        else:
+            yield t
 
 
 def _detached(obj: Any, live: set[int]) -> Any:

@@ -27,6 +27,7 @@ from tunelab.data.pack import Rows
 from tunelab.data.templates import get_template
 from tunelab.errors import CheckpointError, OutputExistsError, TrainingError
 from tunelab.model.adapters import add_lora, count_parameters, make_full_trainable
+from tunelab.model.nf4 import load_torchao_nf4
 from tunelab.model.generate import ChatModel, from_training
 from tunelab.model.kernels import (
     FlopCounter,
@@ -173,14 +174,19 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     attn = choose_attention(cfg.model.attn_implementation, par.device, cfg.data.max_length)
     common = {"dtype": weight_dtype, "attn_implementation": attn, "trust_remote_code": cfg.model.trust_remote_code,
               "revision": cfg.model.revision}
-    if par.loads_weights(quantized):
+    dora = bool(cfg.model.lora and cfg.model.lora.use_dora)
+    nf4 = par.nf4_format(cfg.model.nf4_format, dora) if cfg.model.quantization == "nf4" else None
+    if nf4 == "torchao":  # every process: its GPU gets 4-bit weights, one tensor at a time from the files
+        model = load_torchao_nf4(model_path, device=par.device, shards=par.world_size if par.shards else 1,
+                                 **common)
+    elif par.loads_weights(quantized):
         # a sharded run loads full weights into host memory once and moves only each process's shards on
         device = torch.device("cpu") if par.shards and not quantized else par.device
         model = load_model(model_path, device=device, quantization=cfg.model.quantization,
                            quant_storage=dtype if par.shards else torch.uint8, **common)
     else:
         model = empty_model(model_path, **common)
-    if quantized:
+    if quantized and nf4 != "torchao":
         _no_cpu_repacking(model)
     model = make_full_trainable(model) if full else add_lora(model, cfg.model.lora)
     # Liger, checkpointing (per decoder layer: FSDP's gather hooks stay outside the recomputation), compile.
@@ -192,7 +198,8 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     model.train()
     n_train, n_total = count_parameters(model)
     logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
-                f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if quantized else ''}, "
+                f"{'full' if full else 'LoRA'}{', ' + cfg.model.quantization if quantized else ''}"
+                f"{f' ({nf4})' if nf4 else ''}, "
                 f"{str(dtype).removeprefix('torch.')}, {speed.describe()}, {par.device}); {par.describe()}")
     return Built(model, full, par.shards and par.enabled and not quantized, speed, flop_counter(model))
 
