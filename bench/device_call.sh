@@ -94,6 +94,22 @@ case $call in
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 2 --profile-startup \
         lora_1_8b
     ;;
+  lora_memory)  # for the 45k tok/s at <= 16 GiB goal: where the 1-row micro-batch default loses to one 4-row
+    # micro-batch (37.2k vs 56.2k tok/s, call final), and what compiler memory budgets cost without checkpointing
+    tl 150 lora_flex_liger:prof=1 lora_flex_liger:mb=2
+    tl $(( $(left) - 3 )) lora_flex_liger:mb=4,ckpt=off,budget=0.3 lora_flex_liger:mb=4,ckpt=off,budget=0.5
+    ;;
+  cudagraphs_accum)  # CUDA graphs with 4 micro-batches per step, gradients kept allocated (optim.keep_gradients):
+    # if these run, the config may stop refusing model.compile: cudagraphs with accumulative_counts > 1
+    tl 240 tutorial_qlora:compile=cudagraphs,ckpt=off,rows=4 tutorial_qlora:compile=cudagraphs,ckpt=off \
+        tutorial_qlora:rows=4
+    peer 60 tutorial_qlora
+    timeout $(( $(left) - 3 )) python3 bench/gpu_checks.py --models "$M" --out "$R" --check
+    ;;
+  cli_same_rows)  # one GPU: `tunelab train` against the bench on the same rows (issue 11: within 5%)
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 lora_1_8b
+    CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:mb=4,data=cli lora_flex_liger:mb=4
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

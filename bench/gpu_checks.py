@@ -8,7 +8,9 @@
                     documents alone;
   qlora_compiled    the same for NF4 QLoRA, compiled against eager;
   offload           checkpointing with CPU-offloaded layer inputs and the tiled MLP against plain checkpointing
-                    on one 32k-token document.
+                    on one 32k-token document;
+  cudagraphs_accumulation  NF4 QLoRA with CUDA graphs, 4 micro-batches accumulated into one step's gradients
+                    (kept allocated: optim.keep_gradients), against the same 4 in eager mode.
 --generate TOKENIZER_DIR: a 1.8B LoRA model being trained with the GPU defaults answers 2 evaluation questions of
   128 new tokens: with kernels.generation_mode (SDPA, eager layers) and without it (the 2026-11-25 path).
 
@@ -127,6 +129,46 @@ def check(root: Path):
                "packed_vs_alone_rel_diff": abs(loss - alone) / alone, "grad_rel_diff": rel(grads, ref)}
         del model
     yield check_offload(root)
+    yield check_cudagraphs_accumulation(root)
+
+
+def check_cudagraphs_accumulation(root: Path) -> dict:
+    from tunelab.train.optim import keep_gradients
+
+    gen = torch.Generator().manual_seed(3)
+    micro = [to_rows(*packed_batch(1, 1024, SHAPES["1_8b"]["vocab_size"], gen)[:3]) for _ in range(4)]
+
+    def accumulate(model, loss_fn, keep: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if keep:  # as `tunelab train` does with CUDA graphs: allocated once, zeroed in place
+            keep_gradients(params)
+            for p in params:
+                p.grad.zero_()
+        else:
+            model.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in micro:
+            batch = {k: v.to(CUDA) for k, v in collate(rows, 0).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = loss_fn(model, batch)
+            loss.backward()
+            total += float(loss.detach())
+        return total, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = ModelSettings(path="x", quantization="nf4", gradient_checkpointing=False, compile=False, use_liger=False)
+    ref_model, _ = lora_model(root, eager, "sdpa", 1024)
+    ref_loss, ref = accumulate(ref_model, causal_lm_loss, keep=False)
+    del ref_model
+    torch._dynamo.reset()
+    graphs = ModelSettings(path="x", quantization="nf4", gradient_checkpointing=False, compile="cudagraphs",
+                           use_liger=False)
+    model, plan = lora_model(root, graphs, "sdpa", 1024)
+    runs = [accumulate(model, causal_lm_loss, keep=True) for _ in range(3)]  # recordings, then replays
+    loss, grads = runs[-1]
+    return {"check": "cudagraphs_accumulation", "plan": plan.describe(), "micro_batches": len(micro),
+            "loss": loss, "reference_loss": ref_loss, "loss_rel_diff": abs(loss - ref_loss) / ref_loss,
+            "grad_rel_diff": rel(grads, ref),
+            "grad_rel_diff_between_runs": rel(runs[-1][1], runs[-2][1])}
 
 
 def check_offload(root: Path) -> dict:

@@ -13,6 +13,8 @@ keys: ckpt=auto|on|off|offload  compile=auto|on|off|cudagraphs  liger=auto|on|of
       budget=F (compiled layers: activation memory budget, 0..1)  rows=N (rows per step instead of the case's)
       mb=N (rows per micro-batch; the step is always the case's rows)  cast=on (keep peft's input cast)
       prof=1 (print the profiler's top kernels for two steps)
+      data=cli (train on the rows `tunelab train` makes of bench/scaling.py's documents, packed by tunelab's data
+      pipeline, instead of the peer's: the CLI-against-bench comparison on the same rows)
 
 usage: python bench/train_throughput.py [--models DIR] [--out FILE] CASE[:VARIANT] [...]
 """
@@ -38,7 +40,7 @@ from tunelab.model.adapters import add_lora, make_full_trainable  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
 from tunelab.train.loop import accumulate_gradients  # noqa: E402
 from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
-from tunelab.train.optim import build_optimizer  # noqa: E402
+from tunelab.train.optim import build_optimizer, keep_gradients, zero_gradients  # noqa: E402
 from tunelab.train.parallel import Parallel  # noqa: E402
 
 # name: (shape, method, rows per step, row length) -- the peer's cases
@@ -137,9 +139,14 @@ def run_case(spec: str, root: Path) -> dict:
     loss_module = LossModule(model, choose_loss(plan.liger_loss, device))
     optimizer = build_optimizer(model, TrainSettings(lr=1e-5), device)
     params = [p for p in model.parameters() if p.requires_grad]
+    if plan.cudagraphs:  # as `tunelab train` does (train/setup.py)
+        keep_gradients(params)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator().manual_seed(0)
-    batches = [to_rows(*packed_batch(bsz, seqlen, SHAPES[shape]["vocab_size"], gen)[:3]) for _ in range(4)]
+    if var.get("data") == "cli":
+        batches = cli_rows(root, shape, seqlen, bsz)
+    else:
+        batches = [to_rows(*packed_batch(bsz, seqlen, SHAPES[shape]["vocab_size"], gen)[:3]) for _ in range(4)]
     counter = kernels.flop_counter(model)
 
     def step(rows: list) -> float:
@@ -148,7 +155,7 @@ def run_case(spec: str, root: Path) -> dict:
                                        torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        zero_gradients(optimizer, plan.cudagraphs)
         return float(loss)
 
     times, flops, loss = [], [], float("nan")
@@ -172,6 +179,24 @@ def run_case(spec: str, root: Path) -> dict:
            "load_s": round(load_s, 1), "first_step_s": round(times[0], 1),
            "dynamo": {k: v for k, v in torch._dynamo.utils.counters["stats"].items()}}
     return res  # the model and optimizer go with this frame; main() empties the cache
+
+
+def cli_rows(root: Path, shape: str, seqlen: int, bsz: int) -> list:
+    """4 steps of rows as `tunelab train` packs bench/scaling.py's documents (its model folder's word tokenizer)."""
+    from scaling import make_data
+    from sharded_check import make_model, word_tokenizer
+
+    from tunelab.config.schema import DataSettings
+    from tunelab.data.dataset import prepare_data
+    from tunelab.model.load import load_tokenizer
+
+    folder = make_model(shape, root)  # scaling.py's folder: with the tokenizer the CLI uses
+    if not (folder / "tokenizer.json").exists():  # made by model_folder() above, which saves none
+        word_tokenizer().save_pretrained(str(folder))
+    data = DataSettings(path=str(make_data(root)), format="pretrain", max_length=seqlen, pack_to_max_length=True,
+                        cache=False)
+    rows = prepare_data(data, load_tokenizer(str(folder)), seed=0).rows
+    return [[rows.row(i * bsz + j) for j in range(bsz)] for i in range(4)]
 
 
 def profile(step, batches: list) -> None:

@@ -1,8 +1,11 @@
 """The command line itself: version, env, list-cfg, copy-cfg, --debug, usage errors and exit codes."""
 
+import re
+
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tunelab.cli import build_parser
 
 
 def test_version_and_env():
@@ -83,3 +86,13 @@ def test_a_missing_package_is_one_line_naming_the_pip_command(command, module, t
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"error: the Python package '{module}' is not installed; install it with: " \
                                  f"pip install '{pin}'"
+
+
+def test_the_readme_chat_synopsis_lists_every_chat_option():
+    """The README's one-line synopsis of `tunelab chat` is where users look first; it must not fall behind --help."""
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme[readme.index("`tunelab chat MODEL ["):]
+    synopsis = synopsis[:synopsis.index("` streams answers")]
+    chat = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "chat")[1]
+    options = {o for action in chat._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+    assert options and set(re.findall(r"--[a-z-]+", synopsis)) == options

@@ -1,12 +1,14 @@
-"""The schedule: warmup of max(1, ratio x steps), cosine after it, never lr 0 on a tiny run."""
+"""The schedule: warmup of max(1, ratio x steps), cosine after it, never lr 0 on a tiny run; gradients kept
+allocated between steps for CUDA graphs."""
 
 import itertools
 import math
 
 import pytest
+import torch
 
 from tunelab.config.schema import TrainSettings
-from tunelab.train.optim import lr_at, warmup_steps
+from tunelab.train.optim import keep_gradients, lr_at, warmup_steps, zero_gradients
 
 
 def test_warmup_then_cosine():
@@ -33,3 +35,23 @@ def test_min_lr_ratio_is_the_floor():
     t = TrainSettings(lr=1.0, warmup_ratio=0.0, min_lr_ratio=0.1)
     assert lr_at(10_000, 10_000, t) == pytest.approx(0.1)
     assert min(lr_at(s, 50, t) for s in range(50)) >= 0.1
+
+
+def test_kept_gradients_are_added_into_and_zeroed_in_place():
+    """CUDA graphs need each backward to add into a gradient tensor that outlives it (optim.keep_gradients)."""
+    layer = torch.nn.Linear(4, 3)
+    params = list(layer.parameters())
+    opt = torch.optim.AdamW(params, lr=0.1)
+    keep_gradients(params)
+    held = [p.grad for p in params]
+    assert all(torch.count_nonzero(g) == 0 for g in held)
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        layer(x).sum().backward()
+    assert all(p.grad is g for p, g in zip(params, held))  # added into, never replaced
+    assert torch.allclose(layer.bias.grad, torch.full((3,), 10.0))  # 5 rows x 2 backward passes
+    opt.step()
+    zero_gradients(opt, keep=True)
+    assert all(p.grad is g and torch.count_nonzero(g) == 0 for p, g in zip(params, held))
+    zero_gradients(opt, keep=False)
+    assert all(p.grad is None for p in params)

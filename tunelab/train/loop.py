@@ -36,7 +36,7 @@ from tunelab.model.load import choose_device
 from tunelab.train import parallel, peers, saving
 from tunelab.train.evaluate import evaluate_chat, write_eval
 from tunelab.train.log import format_duration, memory_gib, peak_memory, plot_loss, rank_line
-from tunelab.train.optim import lr_at, set_lr
+from tunelab.train.optim import lr_at, set_lr, zero_gradients
 from tunelab.train.parallel import Parallel
 from tunelab.train.setup import Run, open_folder, set_up
 
@@ -192,7 +192,7 @@ def train_step(run: Run, step: int, order: np.ndarray, last_saved: Callable[[], 
                                 f"(step {step + 1}); stopping. Last good checkpoint: {last_saved() or 'none'}. "
                                 "Try a lower train.lr or train.dtype=float32")
     run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    zero_gradients(run.optimizer, run.keep_grads)
     state.step = step + 1
     state.tokens_seen += tokens * run.par.world_size
     mine = [r for mb, dummy in batches if not dummy for r in mb]

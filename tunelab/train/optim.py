@@ -44,3 +44,17 @@ def build_optimizer(model: Any, train: TrainSettings, device: torch.device) -> t
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def keep_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Give every trainable parameter its gradient tensor once, so that each backward adds into it. Runs with CUDA
+    graphs need this: a gradient that backward hands over whole (the step's first micro-batch's, when `.grad` is
+    None) lives in the graph's own memory, which the next micro-batch's replay overwrites (pytorch#169545)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def zero_gradients(optimizer: torch.optim.Optimizer, keep: bool) -> None:
+    """After a step: free the gradients, or (`keep`, see keep_gradients) zero them where they are."""
+    optimizer.zero_grad(set_to_none=not keep)

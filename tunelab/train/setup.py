@@ -50,7 +50,7 @@ from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
 from tunelab.train.loss import LossModule, choose_loss
-from tunelab.train.optim import build_optimizer, warmup_steps
+from tunelab.train.optim import build_optimizer, keep_gradients, warmup_steps
 from tunelab.train.parallel import Parallel
 
 
@@ -84,6 +84,7 @@ class Run:
     full: bool  # full fine-tuning (else adapters)
     flops: FlopCounter  # model FLOPs per token, for the MFU in the log
     peak_flops: float | None  # the device's peak bf16 rate (None on CPU: no MFU)
+    keep_grads: bool = False  # gradients stay allocated between steps (CUDA graphs: optim.keep_gradients)
 
 
 def set_seed(seed: int) -> None:
@@ -128,6 +129,9 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: the sharded parameters
 
     optimizer = build_optimizer(model, cfg.train, par.param_device)
+    keep_grads = built.speed.cudagraphs
+    if keep_grads:
+        keep_gradients(params)
     scaler = torch.amp.GradScaler(par.device.type, enabled=dtype == torch.float16)
     rows_per_step = resume.rows_per_step(cfg, par.world_size)
     steps_per_epoch = math.ceil(len(rows) / rows_per_step)
@@ -147,7 +151,7 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     autocast = torch.autocast(par.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     run = Run(cfg, par, folder, config_yaml, resume_hint, tokenizer, rows, model, loss_module, params, optimizer,
               scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, built.flops,
-              peak_flops(par.device))
+              peak_flops(par.device), keep_grads)
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
     logger.info(f"training: {ui.count(total, 'step')} ({steps_per_epoch}/epoch x "
