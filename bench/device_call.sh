@@ -99,8 +99,8 @@ case $call in
     tl 150 lora_flex_liger:prof=1 lora_flex_liger:mb=2
     tl $(( $(left) - 3 )) lora_flex_liger:mb=4,ckpt=off,budget=0.3 lora_flex_liger:mb=4,ckpt=off,budget=0.5
     ;;
-  cudagraphs_accum)  # CUDA graphs with 4 micro-batches per step, gradients kept allocated (optim.keep_gradients):
-    # if these run, the config may stop refusing model.compile: cudagraphs with accumulative_counts > 1
+  cudagraphs_accum)  # CUDA graphs with 4 micro-batches per step, gradients kept allocated (optim.keep_gradients);
+    # its parts ran as three short calls on 2026-11-26 (BENCHMARKS.md note j)
     tl 240 tutorial_qlora:compile=cudagraphs,ckpt=off,rows=4 tutorial_qlora:compile=cudagraphs,ckpt=off \
         tutorial_qlora:rows=4
     peer 60 tutorial_qlora
@@ -109,6 +109,10 @@ case $call in
   cli_same_rows)  # one GPU: `tunelab train` against the bench on the same rows (issue 11: within 5%)
     timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 lora_1_8b
     CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:mb=4,data=cli lora_flex_liger:mb=4
+    ;;
+  cudagraphs_cli)  # CUDA graphs through `tunelab train` (4 micro-batches per step), before "auto" may choose them
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 20 --log-interval 5 \
+        qlora_cudagraphs
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

@@ -11,6 +11,8 @@ Cases (random-weight models of the peer's shapes, bench/peer_baseline.py; word-l
   qlora_1_8b     1.8B QLoRA r64, 1 x 4096 rows per GPU: one GPU (bitsandbytes NF4), then zero3 on the largest GPU
                  count with each NF4 format (auto = torchao's NF4Tensor; bitsandbytes packed in bf16), and
                  zero3_offload (auto); every run trains on the same rows per step.
+  qlora_cudagraphs  the tutorial's QLoRA (1.8B, 1 x 1024, 4 micro-batches per step) on one GPU, model.compile auto
+                 and cudagraphs.
   qlora_70b      70B-shape QLoRA r64, zero3 on the largest GPU count, 1 x 2048 rows per GPU, 6 steps: does it
                  fit, at what memory and speed. The random weights are saved in float8 (a 70B model in bf16,
                  140 GB, exceeds the host's disk); loading casts them to bf16 and quantizes them to NF4.
@@ -240,6 +242,20 @@ def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def qlora_cudagraphs(root: Path, steps: int, emit, shape: str) -> None:
+    """The tutorial's QLoRA through `tunelab train` on one GPU: 1,024-token rows, 4 micro-batches per step, with
+    the default compile and with CUDA graphs."""
+    model, data = make_model(shape, root), make_data(root)
+    for compile_mode in ("auto", "cudagraphs"):
+        work = root / "runs" / f"qlora_cudagraphs_{compile_mode}"
+        shutil.rmtree(work, ignore_errors=True)
+        cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=1024,
+                           quantization="nf4", compile=compile_mode)
+        r = launch(cfg, work, 1, "ddp", timeout=300)
+        emit(per_gpu({**r, "case": "qlora_cudagraphs", "compile": compile_mode, "gpus": 1}, 1))
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def qlora_70b(root: Path, gpus: list[int], steps: int, emit) -> None:
     t0 = time.time()
     model, data = make_fp8_model("70b", root), make_data(root)
@@ -301,7 +317,7 @@ def profile_startup(root: Path, shape: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "qlora_1_8b", "qlora_70b", "nodes"])
+    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "qlora_1_8b", "qlora_cudagraphs", "qlora_70b", "nodes"])
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--root", default="/tmp/tl_models")
@@ -337,6 +353,8 @@ def main() -> None:
             full_7b(root, gpus, max(4, a.steps // 2), emit)
         elif case == "qlora_1_8b":
             qlora(root, gpus, a.steps, emit, a.shape)
+        elif case == "qlora_cudagraphs":
+            qlora_cudagraphs(root, a.steps, emit, a.shape)
         elif case == "qlora_70b":
             qlora_70b(root, gpus, 6, emit)
         else:

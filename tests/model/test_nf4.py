@@ -66,3 +66,12 @@ def test_weights_under_other_names_are_refused_with_one_line(tmp_path: Path, nf4
                                          r"e\.g\. \['transformer\.wte\.weight'\]; 1 missing, e\.g\. "
                                          r"\['model\.embed_tokens\.weight'\]\).*model\.nf4_format: bitsandbytes"):
         load_torchao_nf4(str(folder), dtype=torch.float32, device=CPU, shards=1)
+
+
+def test_only_the_files_transformers_reads_are_read(tmp_path: Path, nf4_model_dir: Path) -> None:
+    """A repo may ship another layout beside the model's own (Mistral's consolidated.safetensors)."""
+    folder = tmp_path / "two_layouts"
+    shutil.copytree(nf4_model_dir, folder)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, str(folder / "consolidated.safetensors"))
+    model = load_torchao_nf4(str(folder), dtype=torch.float32, device=CPU, shards=1)
+    assert sum(is_nf4(p) for p in model.parameters()) == 14

@@ -181,3 +181,19 @@ def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_pa
     from safetensors.torch import load_file
     w = load_file(str(work / "iter_2" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_a_cuda_graphs_run_keeps_its_gradients_and_trains_as_the_default_path(tmp_path, tiny_model_dir, monkeypatch):
+    """With CUDA graphs the gradients stay allocated and are zeroed in place between steps (optim.keep_gradients):
+    several micro-batches per step must give the losses of the plain path. The compiler is left out (CPU: no
+    graphs to record), so the test sees the loop's own handling."""
+    from tunelab.model import kernels
+
+    monkeypatch.setattr(kernels, "compile_layers", lambda layers, backend="inductor", mode=None: None)
+    over = ["train.max_steps=4", "train.accumulative_counts=3", "train.batch_size=1"]
+    ref = run(tmp_path, tiny_model_dir, work="plain", overrides=over)
+    got = run(tmp_path, tiny_model_dir, work="graphs", overrides=[*over, "model.compile=cudagraphs"])
+    assert "compiled layers (CUDA graphs)" in (got.log_dir / "train.log").read_text()
+    a, b = read_scalars(ref.log_dir / "scalars.jsonl"), read_scalars(got.log_dir / "scalars.jsonl")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-6)

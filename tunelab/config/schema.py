@@ -69,7 +69,7 @@ class ModelSettings(Section):
     # Liger fused kernels (GPU only, needs liger-kernel): fused linear cross-entropy, RMSNorm, RoPE, SwiGLU.
     use_liger: bool | Literal["auto"] = "auto"
     # torch.compile of each decoder layer ("auto": on a GPU); "cudagraphs" adds CUDA graphs (launch-bound runs:
-    # small QLoRA micro-batches; one micro-batch per step, no activation checkpointing).
+    # small QLoRA micro-batches; no activation checkpointing).
     compile: bool | Literal["auto", "cudagraphs"] = "auto"
     revision: str | None = None
 
@@ -208,12 +208,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cudagraphs_need_one_plain_forward(self) -> "Config":
-        # A CUDA graph replays into the same output buffers: the next micro-batch's forward, or a checkpointed
-        # layer's recompute, overwrites activations the backward still needs (measured on an H100, 2026-11-25).
+        # A CUDA graph replays into the same output buffers: a checkpointed layer's recompute overwrites
+        # activations the backward still needs (H100, 2026-11-25). Several micro-batches per step work since the
+        # gradients stay allocated between them (train/optim.py keep_gradients; H100, 2026-11-26).
         if self.model.compile == "cudagraphs":
-            if self.train.accumulative_counts > 1:
-                raise ValueError("model.compile: cudagraphs needs one micro-batch per step; set "
-                                 "train.accumulative_counts: 1 (and put the rows in train.batch_size) or compile: auto")
             if self.model.gradient_checkpointing in (True, "offload"):
                 raise ValueError("model.compile: cudagraphs cannot replay checkpointed layers; set "
                                  "model.gradient_checkpointing: false (or auto) or compile: auto")

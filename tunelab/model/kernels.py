@@ -104,8 +104,8 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         plan.checkpointing = "off"
     want_compile = settings.compile
     if want_compile == "auto":
-        # CUDA graphs ("cudagraphs") stay opt-in: 9.3x the peer on launch-bound QLoRA with one micro-batch per
-        # step (same benchmark call), and failing with several (config/schema.py refuses that; BENCHMARKS.md).
+        # CUDA graphs ("cudagraphs") stay opt-in for now: 5.8x the peer on the launch-bound tutorial QLoRA with
+        # 4 micro-batches per step (same benchmark call, BENCHMARKS.md), not yet run through `tunelab train`.
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
     liger = settings.use_liger
     if liger == "auto":
@@ -138,7 +138,7 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         compile_layers(layers, mode="reduce-overhead" if plan.cudagraphs else None)
         if plan.cudagraphs:
             # Each forward starts a new CUDA-graph step (evaluation's too). Several micro-batches per optimizer
-            # step still fail on the GPU with this (call `verify`), so the config allows only one.
+            # step need the gradients kept allocated between them (train/optim.py keep_gradients).
             _decoder(base).register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
         plan.compiled = True
     return plan

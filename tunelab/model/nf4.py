@@ -33,6 +33,19 @@ def quantizable(shape: torch.Size | tuple[int, ...], shards: int) -> bool:
     return (shape[0] * shape[1] // shards) % (BLOCK * SCALER_BLOCK) == 0
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors files as transformers reads them: those its index names, else model.safetensors,
+    else every *.safetensors (some repos also ship other layouts, e.g. Mistral's consolidated.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def is_nf4(t: torch.Tensor) -> bool:
     local = t.to_local() if hasattr(t, "to_local") else t
     return type(local).__name__ == "NF4Tensor"
@@ -58,8 +71,8 @@ def load_torchao_nf4(path: str, *, dtype: torch.dtype, device: torch.device, sha
 
         ui.warn("quantized_on_cpu", CPU_QUANTIZATION_WARNING.format(quantization="nf4"))
     folder = Path(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not folder.is_dir() or not files:
+    files = weight_files(folder) if folder.is_dir() else []
+    if not files:
         raise ModelError(f"{path}: model.nf4_format torchao loads *.safetensors files from a local folder")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
