@@ -19,7 +19,8 @@ loss function calls the decoder and the head. Generation goes through `unsharded
 
 Weights: a sharded run builds the model on the meta device on every process but rank 0 and fills each
 process's shards from rank 0 by broadcast, so host memory holds one full copy, not N. QLoRA: every process loads
-its own 4-bit copy straight onto its GPU (torchao's NF4Tensor across processes: `Parallel.nf4_format`). State dicts travel by parameter name (train/named_state.py).
+its own 4-bit copy straight onto its GPU (torchao's NF4Tensor across processes: `Parallel.nf4_format`). State
+dicts travel by parameter name (train/named_state.py).
 
 Every choice that shapes the collectives a step makes (activation checkpointing, compile, Liger) must be the same
 on every process, or their collectives stop pairing up: `min_over_ranks` lets all decide from the same number,

@@ -27,7 +27,6 @@ from tunelab.data.pack import Rows
 from tunelab.data.templates import get_template
 from tunelab.errors import CheckpointError, OutputExistsError, TrainingError
 from tunelab.model.adapters import add_lora, count_parameters, make_full_trainable
-from tunelab.model.nf4 import load_torchao_nf4
 from tunelab.model.generate import ChatModel, from_training
 from tunelab.model.kernels import (
     FlopCounter,
@@ -46,6 +45,7 @@ from tunelab.model.load import (
     resolve_model_path,
     warn_if_remote,
 )
+from tunelab.model.nf4 import load_torchao_nf4
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
