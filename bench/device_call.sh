@@ -114,6 +114,13 @@ case $call in
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 20 --log-interval 5 \
         qlora_cudagraphs
     ;;
+  next_one_gpu)  # the open one-GPU questions of issue 11 in one call (nvidia-h100-x1 counts half its held time):
+    # CUDA graphs through the CLI, the CLI against the bench on the same rows, the 1-row micro-batch's cost
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 20 --log-interval 5 qlora_cudagraphs
+    timeout 170 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 lora_1_8b
+    CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:mb=4,data=cli lora_flex_liger:prof=1 \
+        lora_flex_liger:mb=4,ckpt=off,budget=0.3
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"
