@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.errors import ModelError
 from tunelab.model.load import load_model
-from tunelab.model.nf4 import is_nf4, load_torchao_nf4, quantizable
+from tunelab.model.nf4 import is_nf4, load_torchao_nf4, quantizable, torchao_unsuitable
 
 CPU = torch.device("cpu")
 
@@ -64,8 +64,24 @@ def test_weights_under_other_names_are_refused_with_one_line(tmp_path: Path, nf4
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"renamed: its weight names do not match LlamaForCausalLM \(1 unknown, "
                                          r"e\.g\. \['transformer\.wte\.weight'\]; 1 missing, e\.g\. "
-                                         r"\['model\.embed_tokens\.weight'\]\).*model\.nf4_format: bitsandbytes"):
+                                         r"\['model\.embed_tokens\.weight'\]\).*set model\.nf4_format: bitsandbytes"):
         load_torchao_nf4(str(folder), dtype=torch.float32, device=CPU, shards=1)
+    assert torchao_unsuitable(str(folder), 1) == "its weight names differ from the model's (transformers renames " \
+                                                 "them on load)"
+
+
+def test_auto_takes_torchao_only_where_every_linear_weight_becomes_nf4(tmp_path: Path, nf4_model_dir: Path,
+                                                                       tiny_model_dir: Path) -> None:
+    """What "auto" asks before it chooses torchao, from the config and the files' headers alone."""
+    assert torchao_unsuitable(str(nf4_model_dir), 2) is None and torchao_unsuitable(str(nf4_model_dir), 4) is None
+    assert torchao_unsuitable(str(nf4_model_dir), 8) == ("only 6 of its 14 linear weights split into whole 64 x 256 "
+                                                         "blocks over 8 processes")
+    assert torchao_unsuitable(str(tiny_model_dir), 2).startswith("only 0 of its 14 linear weights")
+    assert "local folder" in torchao_unsuitable("HuggingFaceTB/SmolLM2-135M-Instruct", 2)
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    shutil.copy(nf4_model_dir / "config.json", bin_only / "config.json")
+    assert "*.safetensors" in torchao_unsuitable(str(bin_only), 2)
 
 
 def test_only_the_files_transformers_reads_are_read(tmp_path: Path, nf4_model_dir: Path) -> None:

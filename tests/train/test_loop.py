@@ -183,17 +183,45 @@ def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
-def test_a_cuda_graphs_run_keeps_its_gradients_and_trains_as_the_default_path(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_cuda_graphs_run_keeps_its_gradients_and_trains_and_resumes_as_the_default_path(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
     """With CUDA graphs the gradients stay allocated and are zeroed in place between steps (optim.keep_gradients):
-    several micro-batches per step must give the losses of the plain path. The compiler is left out (CPU: no
-    graphs to record), so the test sees the loop's own handling."""
+    several micro-batches per step must give the losses of the plain path, also resumed. The compiler is left
+    out (CPU: no graphs to record), so the test sees the loop's own handling."""
     from tunelab.model import kernels
+    from tunelab.train import loop, optim
 
     monkeypatch.setattr(kernels, "compile_layers", lambda layers, backend="inductor", mode=None: None)
-    over = ["train.max_steps=4", "train.accumulative_counts=3", "train.batch_size=1"]
+    kept: list[bool] = []
+    monkeypatch.setattr(loop, "zero_gradients", lambda opt, keep: (kept.append(keep), optim.zero_gradients(opt, keep)))
+    over = ["train.max_steps=4", "train.accumulative_counts=3", "train.batch_size=1", "runtime.save_steps=2"]
     ref = run(tmp_path, tiny_model_dir, work="plain", overrides=over)
+    assert kept == [False] * 4
+    kept.clear()
     got = run(tmp_path, tiny_model_dir, work="graphs", overrides=[*over, "model.compile=cudagraphs"])
+    assert kept == [True] * 4
     assert "compiled layers (CUDA graphs)" in (got.log_dir / "train.log").read_text()
     a, b = read_scalars(ref.log_dir / "scalars.jsonl"), read_scalars(got.log_dir / "scalars.jsonl")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-6)
+    # resumed from step 2 (the optimizer state loads before the gradients are allocated): the same steps 3-4
+    shutil.rmtree(tmp_path / "graphs" / "iter_4")
+    (tmp_path / "graphs" / "last_checkpoint").write_text("iter_2")
+    again = run(tmp_path, tiny_model_dir, work="graphs", overrides=[*over, "model.compile=cudagraphs"], resume=True)
+    c = read_scalars(again.log_dir / "scalars.jsonl")
+    assert [r["step"] for r in c] == [3, 4]
+    assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-5)
+
+
+def test_cuda_graphs_that_torch_skipped_are_named_after_the_first_step(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """torch only logs a skipped CUDA graph (shown with --debug); tunelab says it in one warning of its own."""
+    from torch._dynamo.utils import counters
+
+    from tunelab.model import kernels
+
+    monkeypatch.setattr(kernels, "compile_layers", lambda layers, backend="inductor", mode=None: None)
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 3)
+    run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", "model.compile=cudagraphs"])
+    err = capsys.readouterr()
+    assert "model.compile: cudagraphs: torch ran 3 compiled graphs without CUDA graphs in the first step " \
+           "(--debug shows why)" in err.out + err.err

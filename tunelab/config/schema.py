@@ -78,7 +78,8 @@ class ModelSettings(Section):
         if self.quantization != "none" and self.lora is None:
             raise ValueError(f"quantization={self.quantization} (QLoRA) needs model.lora; "
                              "full fine-tuning of quantized weights is not possible")
-        if self.nf4_format == "torchao" and self.lora is not None and self.lora.use_dora:
+        if self.quantization == "nf4" and self.nf4_format == "torchao" and self.lora is not None and \
+                self.lora.use_dora:
             raise ValueError("nf4_format=torchao with lora.use_dora: peft's DoRA cannot de-quantize torchao's NF4 "
                              "weights; use nf4_format auto or bitsandbytes")
         return self

@@ -232,6 +232,8 @@ def run_loop(run: Run) -> RunResult:
                 meter.step_times.append(time.perf_counter() - t_step)
                 if step == first:
                     _report_start(logger, meter.step_times[-1])
+                    if run.keep_grads:
+                        _warn_if_cuda_graphs_skipped()
                 _log_step(run, meter, out)
                 if state.step == 1:
                     _report_ranks(run, to_console=False)
@@ -269,6 +271,18 @@ def _report_start(logger: Any, step_s: float) -> None:
     since = _process_age()
     logger.info(f"first step done {since:.1f} s after the process started (start-up {since - step_s:.1f} s, "
                 f"the step {step_s:.1f} s)")
+
+
+def _warn_if_cuda_graphs_skipped() -> None:
+    """model.compile: cudagraphs asked for CUDA graphs; where torch runs a compiled layer without them (a CPU
+    tensor inside, a shape it cannot record) it only logs, and torch's logs show with --debug alone."""
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"].get("cudagraph_skips", 0)
+    if skips:
+        ui.warn("cudagraphs_skipped", f"model.compile: cudagraphs: torch ran {ui.count(skips, 'compiled graph')} "
+                                      "without CUDA graphs in the first step (--debug shows why); training goes on "
+                                      "at the speed of compiled layers")
 
 
 def _process_age() -> float:

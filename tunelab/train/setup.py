@@ -45,7 +45,7 @@ from tunelab.model.load import (
     resolve_model_path,
     warn_if_remote,
 )
-from tunelab.model.nf4 import load_torchao_nf4
+from tunelab.model.nf4 import load_torchao_nf4, torchao_unsuitable
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
@@ -129,9 +129,6 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: the sharded parameters
 
     optimizer = build_optimizer(model, cfg.train, par.param_device)
-    keep_grads = built.speed.cudagraphs
-    if keep_grads:
-        keep_gradients(params)
     scaler = torch.amp.GradScaler(par.device.type, enabled=dtype == torch.float16)
     rows_per_step = resume.rows_per_step(cfg, par.world_size)
     steps_per_epoch = math.ceil(len(rows) / rows_per_step)
@@ -151,9 +148,11 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     autocast = torch.autocast(par.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     run = Run(cfg, par, folder, config_yaml, resume_hint, tokenizer, rows, model, loss_module, params, optimizer,
               scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, built.flops,
-              peak_flops(par.device), keep_grads)
+              peak_flops(par.device), keep_grads=built.speed.cudagraphs)
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
+    if run.keep_grads:  # after the optimizer state is loaded: loading it sets up state only where no gradient is
+        keep_gradients(params)
     logger.info(f"training: {ui.count(total, 'step')} ({steps_per_epoch}/epoch x "
                 f"{ui.count(cfg.train.max_epochs, 'epoch')}"
                 f"{', capped by max_steps' if cfg.train.max_steps and total == cfg.train.max_steps else ''}), "
@@ -180,9 +179,15 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
               "revision": cfg.model.revision}
     dora = bool(cfg.model.lora and cfg.model.lora.use_dora)
     nf4 = par.nf4_format(cfg.model.nf4_format, dora) if cfg.model.quantization == "nf4" else None
+    shards = par.world_size if par.shards else 1
+    if nf4 == "torchao" and cfg.model.nf4_format == "auto":
+        why = torchao_unsuitable(model_path, shards, attn_implementation=attn,
+                                 trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        if why:  # the same answer on every process: it depends on the files and the process count alone
+            logger.info(f"nf4 weights: bitsandbytes, not torchao: {why}")
+            nf4 = "bitsandbytes"
     if nf4 == "torchao":  # every process: its GPU gets 4-bit weights, one tensor at a time from the files
-        model = load_torchao_nf4(model_path, device=par.device, shards=par.world_size if par.shards else 1,
-                                 **common)
+        model = load_torchao_nf4(model_path, device=par.device, shards=shards, **common)
     elif par.loads_weights(quantized):
         # a sharded run loads full weights into host memory once and moves only each process's shards on
         device = torch.device("cpu") if par.shards and not quantized else par.device
@@ -198,7 +203,8 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     free = parallel.min_over_ranks(free_memory(model, par.device), par)
     speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length,
                                  free=free)
-    parallel.check_same("settings", f"{dtype}, {speed.describe()}", par)  # e.g. bf16 or Liger on one node only
+    # e.g. bf16 or Liger on one node only, or files that differ between nodes
+    parallel.check_same("settings", f"{dtype}, {nf4 or 'no'} nf4, {speed.describe()}", par)
     model.train()
     n_train, n_total = count_parameters(model)
     logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
