@@ -204,7 +204,7 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length,
                                  free=free)
     # e.g. bf16 or Liger on one node only, or files that differ between nodes
-    parallel.check_same("settings", f"{dtype}, {nf4 or 'no'} nf4, {speed.describe()}", par)
+    parallel.check_same("settings", f"{dtype}, {f'nf4 {nf4}, ' if nf4 else ''}{speed.describe()}", par)
     model.train()
     n_train, n_total = count_parameters(model)
     logger.info(f"model: {model_path} ({n_total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, "
