@@ -94,6 +94,16 @@ case $call in
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 2 --profile-startup \
         lora_1_8b
     ;;
+  x4_scaling)  # nvidia-h100-x4: 1 -> 2 -> 4 GPUs (ddp, zero2, zero3), 16 rows of 4,096 tokens per step throughout
+    export PYTHONPYCACHEPREFIX=/tmp/pycache  # bytecode kept between the runs (call x2_startup)
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1,2,4 lora_1_8b
+    ;;
+  x4_big)  # nvidia-h100-x4: 7B-shape full fine-tune, zero3 on 4 GPUs; then QLoRA zero3 on 4 (each NF4 format)
+    export PYTHONPYCACHEPREFIX=/tmp/pycache
+    timeout 330 python3 bench/scaling.py --root "$M" --out "$R" --gpus 4 --steps 8 full_7b
+    rm -rf "$M"/7b*  # the random 7B weights: disk for the next case
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 4 --steps 10 qlora_1_8b
+    ;;
   lora_memory)  # for the 45k tok/s at <= 16 GiB goal: where the 1-row micro-batch default loses to one 4-row
     # micro-batch (37.2k vs 56.2k tok/s, call final), and what compiler memory budgets cost without checkpointing
     tl 150 lora_flex_liger:prof=1 lora_flex_liger:mb=2
@@ -120,6 +130,28 @@ case $call in
     timeout 170 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 lora_1_8b
     CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger:mb=4,data=cli lora_flex_liger:prof=1 \
         lora_flex_liger:mb=4,ckpt=off,budget=0.3
+    ;;
+  one_gpu_2)  # CUDA graphs through `tunelab train` with room to finish (next_one_gpu's timeout cut it), then
+    # what the 45k tok/s at <= 16 GiB goal can trade: 2-row micro-batches, compiler memory budgets
+    timeout 300 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 20 --log-interval 5 qlora_cudagraphs
+    CUDA_VISIBLE_DEVICES=0 tl $(( $(left) - 3 )) lora_flex_liger lora_flex_liger:mb=2 \
+        lora_flex_liger:mb=4,ckpt=off,budget=0.2 lora_flex_liger:mb=2,ckpt=off,budget=0.5
+    ;;
+  cudagraphs_cli2)  # CUDA graphs through `tunelab train` with every micro-batch padded to data.max_length (call
+    # one_gpu_2 gave 1,527 tok/s against 4,137 without graphs: a new width per micro-batch recorded new graphs)
+    timeout 330 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 20 --log-interval 5 qlora_cudagraphs
+    peer $(( $(left) - 3 )) tutorial_qlora
+    ;;
+  cudagraphs_diag)  # why `tunelab train` with CUDA graphs ran at 3,846 tok/s where the bench on the same rows ran
+    # 15,857 (calls cudagraphs_cli2, cudagraphs_rows): torch's recompile and CUDA-graph logs of a 12-step run
+    python3 -c "
+import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import scaling as s
+root = Path('$M'); w = root / 'runs' / 'diag'
+s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows=1, accum=4, steps=12,
+               max_length=1024, quantization='nf4', compile='cudagraphs')" >/dev/null 2>&1
+    TORCH_LOGS=recompiles,graph_breaks,cudagraphs,perf_hints timeout $(( $(left) - 3 )) python3 -m tunelab train \
+        "$M/runs/diag/config.yaml" --work-dir "$M/runs/diag" --debug > "$OUT/cudagraphs_diag.log" 2>&1
+    grep -c "Recompiling" "$OUT/cudagraphs_diag.log"; grep "step .*tok/s" "$OUT/cudagraphs_diag.log" | cut -c1-160
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

@@ -152,7 +152,8 @@ def run_case(spec: str, root: Path) -> dict:
     def step(rows: list) -> float:
         micro = [(rows[i:i + mb], False) for i in range(0, len(rows), mb)]
         loss, _ = accumulate_gradients(loss_module, micro, Parallel(device=device),
-                                       torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0)
+                                       torch.autocast("cuda", dtype=torch.bfloat16), scaler, 0,
+                                       seqlen if plan.cudagraphs else None)  # as `tunelab train` pads them
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         zero_gradients(optimizer, plan.cudagraphs)

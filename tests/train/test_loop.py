@@ -188,18 +188,26 @@ def test_a_cuda_graphs_run_keeps_its_gradients_and_trains_and_resumes_as_the_def
     """With CUDA graphs the gradients stay allocated and are zeroed in place between steps (optim.keep_gradients):
     several micro-batches per step must give the losses of the plain path, also resumed. The compiler is left
     out (CPU: no graphs to record), so the test sees the loop's own handling."""
+    from tunelab.data.pack import collate as loop_collate
     from tunelab.model import kernels
     from tunelab.train import loop, optim
 
     monkeypatch.setattr(kernels, "compile_layers", lambda layers, backend="inductor", mode=None: None)
     kept: list[bool] = []
     monkeypatch.setattr(loop, "zero_gradients", lambda opt, keep: (kept.append(keep), optim.zero_gradients(opt, keep)))
-    over = ["train.max_steps=4", "train.accumulative_counts=3", "train.batch_size=1", "runtime.save_steps=2"]
+    widths: list[int] = []  # of the micro-batches the model saw
+    monkeypatch.setattr(loop, "collate", lambda *a, **k: (b := loop_collate(*a, **k), widths.append(
+        b["input_ids"].shape[1]))[0])
+    over = ["train.max_steps=4", "train.accumulative_counts=3", "train.batch_size=1", "runtime.save_steps=2",
+            "data.pack_to_max_length=false"]  # rows of many lengths
     ref = run(tmp_path, tiny_model_dir, work="plain", overrides=over)
     assert kept == [False] * 4
+    assert len(widths) == 12 and max(widths) < 64  # each padded to its longest row
     kept.clear()
+    widths.clear()
     got = run(tmp_path, tiny_model_dir, work="graphs", overrides=[*over, "model.compile=cudagraphs"])
     assert kept == [True] * 4
+    assert widths == [64] * 12  # CUDA graphs replay one shape: every micro-batch padded to data.max_length
     assert "compiled layers (CUDA graphs)" in (got.log_dir / "train.log").read_text()
     a, b = read_scalars(ref.log_dir / "scalars.jsonl"), read_scalars(got.log_dir / "scalars.jsonl")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)

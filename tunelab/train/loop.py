@@ -129,9 +129,11 @@ def micro_batches(rows: Rows, step_rows: np.ndarray, par: Parallel, batch_size: 
 
 
 def accumulate_gradients(loss_module: torch.nn.Module, batches: list, par: Parallel, autocast: Any,
-                         scaler: torch.amp.GradScaler, pad_id: int) -> tuple[torch.Tensor, int]:
+                         scaler: torch.amp.GradScaler, pad_id: int, width: int | None = None,
+                         ) -> tuple[torch.Tensor, int]:
     """Backward over one step's micro-batches. Returns (mean loss per target token of the whole step, as a device
-    tensor: nothing here waits for the device; input tokens processed by this process)."""
+    tensor: nothing here waits for the device; input tokens processed by this process). `width`: every micro-batch
+    padded to this many tokens (else to its longest row)."""
     device = par.device
     n_tokens = torch.tensor(float(sum(int((r[1] != IGNORE).sum()) for mb, dummy in batches if not dummy
                                       for r in mb)), device=device)
@@ -140,7 +142,7 @@ def accumulate_gradients(loss_module: torch.nn.Module, batches: list, par: Paral
     step_tokens = 0
     for i, (mb, dummy) in enumerate(batches):
         batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
-                 for k, v in collate(mb, pad_id).items()}
+                 for k, v in collate(mb, pad_id, pad_to=width).items()}
         with parallel.micro_batch(par, loss_module, last=i == len(batches) - 1):
             with autocast:
                 mb_loss, _ = loss_module(batch)
@@ -174,7 +176,7 @@ def train_step(run: Run, step: int, order: np.ndarray, last_saved: Callable[[], 
     lr = lr_at(step, state.total_steps, cfg.train)
     set_lr(run.optimizer, lr)
     loss, tokens = accumulate_gradients(run.loss_module, batches, run.par, run.autocast, run.scaler,
-                                        run.tokenizer.pad_token_id or 0)
+                                        run.tokenizer.pad_token_id or 0, run.row_width)
     run.scaler.unscale_(run.optimizer)
     norm = parallel.clip_grad_norm(run.params, cfg.train.max_norm)
     loss_value, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()  # the one wait

@@ -85,6 +85,9 @@ class Run:
     flops: FlopCounter  # model FLOPs per token, for the MFU in the log
     peak_flops: float | None  # the device's peak bf16 rate (None on CPU: no MFU)
     keep_grads: bool = False  # gradients stay allocated between steps (CUDA graphs: optim.keep_gradients)
+    # every micro-batch padded to this many tokens (None: to its longest row). CUDA graphs replay one recorded
+    # shape; a new width per micro-batch recorded new graphs every step, 2.7x slower than none (BENCHMARKS.md (j))
+    row_width: int | None = None
 
 
 def set_seed(seed: int) -> None:
@@ -148,7 +151,8 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     autocast = torch.autocast(par.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     run = Run(cfg, par, folder, config_yaml, resume_hint, tokenizer, rows, model, loss_module, params, optimizer,
               scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, built.flops,
-              peak_flops(par.device), keep_grads=built.speed.cudagraphs)
+              peak_flops(par.device), keep_grads=built.speed.cudagraphs,
+              row_width=cfg.data.max_length if built.speed.cudagraphs else None)
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
     if run.keep_grads:  # after the optimizer state is loaded: loading it sets up state only where no gradient is
