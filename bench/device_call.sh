@@ -153,6 +153,13 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
         "$M/runs/diag/config.yaml" --work-dir "$M/runs/diag" --debug > "$OUT/cudagraphs_diag.log" 2>&1
     grep -c "Recompiling" "$OUT/cudagraphs_diag.log"; grep "step .*tok/s" "$OUT/cudagraphs_diag.log" | cut -c1-160
     ;;
+  cudagraphs_next)  # for the next session: CUDA graphs re-recorded every few micro-batches through `tunelab train`
+    # (call cudagraphs_diag: 159 re-recordings in 12 steps, "static input data pointer changed" on flex attention's
+    # block-mask inputs). SDPA takes a plain mask tensor, which the graphs copy in: does it replay without re-recording?
+    CUDA_VISIBLE_DEVICES=0 tl 100 tutorial_qlora:compile=cudagraphs,ckpt=off,rows=4,data=cli,attn=sdpa
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
+        --variants cudagraphs:sdpa,cudagraphs:flex_attention,auto:auto qlora_cudagraphs
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

@@ -243,17 +243,18 @@ def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def qlora_cudagraphs(root: Path, steps: int, emit, shape: str) -> None:
-    """The tutorial's QLoRA through `tunelab train` on one GPU: 1,024-token rows, 4 micro-batches per step, with
-    the default compile and with CUDA graphs."""
+def qlora_cudagraphs(root: Path, steps: int, emit, shape: str, variants: str) -> None:
+    """The tutorial's QLoRA through `tunelab train` on one GPU: 1,024-token rows, 4 micro-batches per step;
+    `variants` lists model.compile:model.attn_implementation pairs, the one under test first."""
     model, data = make_model(shape, root), make_data(root)
-    for compile_mode in ("cudagraphs", "auto"):  # the one under test first
-        work = root / "runs" / f"qlora_cudagraphs_{compile_mode}"
+    for variant in variants.split(","):
+        compile_mode, attn = variant.split(":")
+        work = root / "runs" / f"qlora_cudagraphs_{compile_mode}_{attn}"
         shutil.rmtree(work, ignore_errors=True)
         cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=1024,
-                           quantization="nf4", compile=compile_mode)
+                           quantization="nf4", compile=compile_mode, attn_implementation=attn)
         r = launch(cfg, work, 1, "ddp", timeout=300)
-        emit(per_gpu({**r, "case": "qlora_cudagraphs", "compile": compile_mode, "gpus": 1}, 1))
+        emit(per_gpu({**r, "case": "qlora_cudagraphs", "compile": compile_mode, "attn": attn, "gpus": 1}, 1))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -327,6 +328,8 @@ def main() -> None:
     ap.add_argument("--profile-startup", action="store_true",
                     help="lora_1_8b: also run the 1-GPU case once under cProfile (2 steps), stats to --out's folder")
     ap.add_argument("--shape", default="1_8b", help="lora_1_8b, qlora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
+    ap.add_argument("--variants", default="cudagraphs:auto,auto:auto",
+                    help="qlora_cudagraphs: model.compile:model.attn_implementation pairs, comma-separated")
     ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
     a = ap.parse_args()
     global LOG_INTERVAL
@@ -355,7 +358,7 @@ def main() -> None:
         elif case == "qlora_1_8b":
             qlora(root, gpus, a.steps, emit, a.shape)
         elif case == "qlora_cudagraphs":
-            qlora_cudagraphs(root, a.steps, emit, a.shape)
+            qlora_cudagraphs(root, a.steps, emit, a.shape, a.variants)
         elif case == "qlora_70b":
             qlora_70b(root, gpus, 6, emit)
         else:
