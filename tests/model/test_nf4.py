@@ -91,3 +91,18 @@ def test_only_the_files_transformers_reads_are_read(tmp_path: Path, nf4_model_di
     save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, str(folder / "consolidated.safetensors"))
     model = load_torchao_nf4(str(folder), dtype=torch.float32, device=CPU, shards=1)
     assert sum(is_nf4(p) for p in model.parameters()) == 14
+
+
+def test_a_plan_made_for_auto_is_used_by_the_loader_without_reading_the_headers_again(nf4_model_dir: Path,
+                                                                                    monkeypatch) -> None:
+    """train/setup.py plans once: "auto" decides from the plan, the loader builds from it (a 70B model's structure
+    and headers take seconds)."""
+    from tunelab.model import nf4
+
+    plan = nf4.plan_load(str(nf4_model_dir), dtype=torch.float32)
+    assert nf4.unsuitable_plan(plan, 2) is None and nf4.unsuitable_plan(plan, 8).startswith("only 6 of its 14")
+    calls = []
+    monkeypatch.setattr(nf4, "plan_load", lambda *a, **k: calls.append(a) or pytest.fail("planned twice"))
+    model = load_torchao_nf4(str(nf4_model_dir), dtype=torch.float32, device=CPU, shards=2, plan=plan)
+    assert model is plan.model and calls == []
+    assert sum(is_nf4(p) for p in model.parameters()) == 14

@@ -116,9 +116,14 @@ def torchao_unsuitable(path: str, shards: int, **build: Any) -> str | None:
     """Why torchao's NF4 cannot stand in for bitsandbytes' on this model and process count (None: it can), found
     from the config and the files' headers alone. "auto" then keeps bitsandbytes."""
     try:
-        plan = plan_load(path, dtype=torch.bfloat16, **build)
+        plan = plan_load(path, **{"dtype": torch.bfloat16, **build})
     except ModelError as e:
         return str(e)
+    return unsuitable_plan(plan, shards)
+
+
+def unsuitable_plan(plan: LoadPlan, shards: int) -> str | None:
+    """torchao_unsuitable for a plan already made (load_torchao_nf4 can then use it: one read of the headers)."""
     if plan.unknown or plan.missing:
         return "its weight names differ from the model's (transformers renames them on load)"
     ok, total = plan.quantizable(shards)
@@ -134,19 +139,19 @@ def _processes(shards: int) -> str:
 
 def load_torchao_nf4(path: str, *, dtype: torch.dtype, device: torch.device, shards: int,
                      attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                     revision: str | None = None) -> Any:
+                     revision: str | None = None, plan: LoadPlan | None = None) -> Any:
     """The model with every decoder linear weight as an NF4Tensor on `device`. The structure is built without
-    memory and matched against the files' headers first; then each tensor goes from the files to the device one
-    at a time and is quantized there: the device never holds the whole model in the compute dtype, and host
-    memory holds no copy of it."""
+    memory and matched against the files' headers first (or `plan`, made by plan_load with the same settings and
+    used up here); then each tensor goes from the files to the device one at a time and is quantized there: the
+    device never holds the whole model in the compute dtype, and host memory holds no copy of it."""
     from safetensors import safe_open
 
     try:
         from torchao.quantization import to_nf4
     except ImportError:
         raise ModelError("model.nf4_format torchao needs torchao (pip install torchao)") from None
-    plan = plan_load(path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                     revision=revision)
+    plan = plan or plan_load(path, dtype=dtype, attn_implementation=attn_implementation,
+                             trust_remote_code=trust_remote_code, revision=revision)
     model = plan.model
     if plan.unknown or plan.missing:
         raise ModelError(f"{path}: its weight names do not match {type(model).__name__} "
