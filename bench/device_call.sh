@@ -148,10 +148,13 @@ case $call in
 import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import scaling as s
 root = Path('$M'); w = root / 'runs' / 'diag'
 s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows=1, accum=4, steps=12,
-               max_length=1024, quantization='nf4', compile='cudagraphs')" >/dev/null 2>&1
+               max_length=1024, quantization='nf4', compile='cudagraphs')" > "$OUT/diag_setup.log" 2>&1 \
+        || { tail -5 "$OUT/diag_setup.log"; exit 1; }
     TORCH_LOGS=recompiles,graph_breaks,cudagraphs,perf_hints timeout $(( $(left) - 3 )) python3 -m tunelab train \
         "$M/runs/diag/config.yaml" --work-dir "$M/runs/diag" --debug > "$OUT/cudagraphs_diag.log" 2>&1
-    grep -c "Recompiling" "$OUT/cudagraphs_diag.log"; grep "step .*tok/s" "$OUT/cudagraphs_diag.log" | cut -c1-160
+    # per step: graphs recorded (the slow steps) and "static input data pointer changed" re-recordings
+    awk '/^step [0-9]+\//{print $2, "recorded", rc+0, "re-recordings", rr+0, $0; rc=rr=0; next}
+         /\] Recording function/{rc++} /Re-recording/{rr++}' "$OUT/cudagraphs_diag.log" | cut -c1-200
     ;;
   cudagraphs_next)  # for the next session: CUDA graphs re-recorded every few micro-batches through `tunelab train`
     # (call cudagraphs_diag: 159 re-recordings in 12 steps, "static input data pointer changed" on flex attention's
@@ -170,6 +173,7 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     [ "$(sha256sum /tmp/wheels/*.whl | cut -d' ' -f1)" = "$(cat .demo_b/sha256)" ] || { echo "wheel damaged"; exit 1; }
     export TUNELAB_WHEELS=/tmp/wheels TUNELAB_CACHE=/tmp/demo_cache PYTHONPYCACHEPREFIX=/tmp/pycache
     for i in 1 2; do  # 1: cold (model conversion, compile); 2: warm caches, a fresh work folder
+      [ "$(left)" -gt 40 ] || { echo "no time left for demo run $i"; break; }
       t0=$(date +%s.%N); timeout $(( $(left) - 5 )) python3 -m tunelab demo --name Alice > "$OUT/demo_gpu_$i.log" 2>&1
       rc=$?; t=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
       echo "{\"case\": \"demo\", \"run\": $i, \"rc\": $rc, \"wall_s\": $t, \"gpu\": \"$gpu\", \"date\": \"$(date +%Y%m%d)\"}" | tee -a "$R"

@@ -86,7 +86,9 @@ class Run:
     peak_flops: float | None  # the device's peak bf16 rate (None on CPU: no MFU)
     keep_grads: bool = False  # gradients stay allocated between steps (CUDA graphs: optim.keep_gradients)
     # every micro-batch padded to this many tokens (None: to its longest row). CUDA graphs replay one recorded
-    # shape; a new width per micro-batch recorded new graphs every step, 2.7x slower than none (BENCHMARKS.md (j))
+    # shape; a new width per micro-batch recorded new graphs every step, 2.7x slower than none (BENCHMARKS.md (l)).
+    # Rows per micro-batch still vary where an epoch's last step is short or a process gets a stand-in micro-batch
+    # (several processes): those record once more.
     row_width: int | None = None
 
 
