@@ -156,9 +156,10 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     awk '/^step [0-9]+\//{print $2, "recorded", rc+0, "re-recordings", rr+0, $0; rc=rr=0; next}
          /\] Recording function/{rc++} /Re-recording/{rr++}' "$OUT/cudagraphs_diag.log" | cut -c1-200
     ;;
-  cudagraphs_next)  # for the next session: CUDA graphs re-recorded every few micro-batches through `tunelab train`
+  cudagraphs_next)  # for the next session: decoding with LoRA merged (eval), then CUDA graphs through `tunelab train`,
     # (call cudagraphs_diag: 159 re-recordings in 12 steps, "static input data pointer changed" on flex attention's
     # block-mask inputs). SDPA takes a plain mask tensor, which the graphs copy in: does it replay without re-recording?
+    timeout 90 python3 bench/generation_probe.py --device cuda --hidden 2048 --out "$R"  # LoRA merged for eval
     CUDA_VISIBLE_DEVICES=0 tl 100 tutorial_qlora:compile=cudagraphs,ckpt=off,rows=4,data=cli,attn=sdpa
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
         --variants cudagraphs:sdpa,cudagraphs:flex_attention,auto:auto qlora_cudagraphs

@@ -97,3 +97,74 @@ def test_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
     assert any(g.abs().sum() > 0 for n, g in plain.items() if "lora_A" in n)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+def _trained_lora(tmp_path: Path, **lora):
+    """LoRA on every linear layer with a non-zero B (as after training), so the adapters change the answers."""
+    model = add_lora(tiny(tmp_path, layers=2), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR,
+                                                            **lora))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    return model.eval()
+
+
+def test_merged_for_generation_answers_as_the_adapter_layers_and_leaves_them_as_they_were(tmp_path: Path) -> None:
+    from tunelab.model.adapters import merged_for_generation
+
+    model = _trained_lora(tmp_path)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_only = model(input_ids=ids).logits
+        with merged_for_generation(model) as n:
+            patched = sum("forward" in m.__dict__ for m in model.modules())
+            merged = model(input_ids=ids).logits
+            greedy = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        again = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert n == patched == 14  # 7 linear layers x 2 decoder layers
+    assert (plain - base_only).abs().max() > 1e-2  # the adapters matter here...
+    torch.testing.assert_close(merged, plain, rtol=1e-5, atol=1e-5)  # ... and merging keeps their answers
+    assert greedy.tolist() == again.tolist()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    model.train()  # and training goes on through the adapters: they still get gradients
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("why", ["dora", "nf4", "no room"])
+def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, tiny_model_dir: Path, why: str,
+                                                             monkeypatch) -> None:
+    from tunelab.model import adapters
+    from tunelab.model.load import load_model
+
+    if why == "nf4":
+        base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"), quantization="nf4")
+        model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=ALL_LINEAR)).eval()
+    else:
+        model = _trained_lora(tmp_path, use_dora=why == "dora")
+    if why == "no room":
+        monkeypatch.setattr(adapters, "_room_for", lambda nbytes, device: False)
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    run = (lambda: None) if why == "nf4" else (lambda: model(input_ids=ids).logits)  # bnb's CPU path: not here
+    with torch.no_grad():
+        plain = run()
+        with adapters.merged_for_generation(model) as n:
+            patched = sum("forward" in m.__dict__ for m in model.modules())
+            same = run()
+    assert n == patched == 0
+    assert why == "nf4" or torch.equal(same, plain)
+    assert sum(type(m).__name__ in ("Linear", "Linear4bit") and hasattr(m, "lora_A") for m in model.modules()) == 14
+
+
+def test_generation_in_a_training_run_goes_through_the_merged_layers(tmp_path: Path) -> None:
+    from tunelab.model.kernels import generation_mode
+
+    model = _trained_lora(tmp_path)
+    with generation_mode(model):
+        assert sum("forward" in m.__dict__ for m in model.modules()) == 14
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -79,3 +79,26 @@ def test_an_answer_cut_by_the_token_limit_never_ends_in_half_a_character(real_ch
         assert whole.finish_reason == "length"
         assert not whole.text.endswith(BROKEN) and not streamed.rstrip().endswith(BROKEN), (limit, whole.text)
         assert full.startswith(whole.text.rstrip()) and full.startswith(streamed.strip())
+
+
+def test_chat_with_an_adapter_answers_through_merged_weights_as_peft_would(tiny_model_dir: Path, tmp_path: Path):
+    """An adapter on a plain base is merged at load (one matmul per layer); its answers stay the adapter's."""
+    import torch
+
+    from tests.infer.support import make_adapter
+    from tunelab.model.adapters import attach_adapter
+    from tunelab.model.generate import load_chat_model
+    from tunelab.model.load import load_model
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    chat = load_chat_model(str(tiny_model_dir), adapter=str(adapter), device="cpu")
+    assert not any(hasattr(m, "lora_A") for m in chat.model.modules())
+    cpu = torch.device("cpu")
+    unmerged = attach_adapter(load_model(str(tiny_model_dir), dtype=torch.float32, device=cpu), str(adapter),
+                              str(tiny_model_dir)).eval()
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=cpu).eval()
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, plain = (m(input_ids=ids).logits for m in (chat.model, unmerged, base))
+    assert (want - plain).abs().max() > 1e-3  # the adapter changes the answers ...
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # ... and merged, it still does the same

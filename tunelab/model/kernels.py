@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import ModelError
-from tunelab.model.adapters import enable_checkpointing, real_numel
+from tunelab.model.adapters import enable_checkpointing, merged_for_generation, real_numel
 
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
@@ -242,7 +242,8 @@ def apply_liger(model: Any) -> None:
 @contextmanager
 def generation_mode(model: Any) -> Iterator[None]:
     """Generation inside a training run: SDPA instead of flex attention (flex would rebuild its block mask and
-    recompile at every new length), and the compiled layers run eagerly (decoding shapes change every token)."""
+    recompile at every new length), the compiled layers run eagerly (decoding shapes change every token), and
+    LoRA layers answer through merged copies of their weights where memory allows (adapters.merged_for_generation)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attn = getattr(base.config, "_attn_implementation", None)
     if attn == "flex_attention":
@@ -252,7 +253,7 @@ def generation_mode(model: Any) -> Iterator[None]:
     for m in casts:  # generation runs without autocast: fp32 adapters need their input cast back
         m.cast_input_dtype_enabled = True
     try:
-        with stance:
+        with stance, merged_for_generation(model):
             yield
     finally:
         for m in casts:
