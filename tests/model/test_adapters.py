@@ -124,10 +124,19 @@ def test_merged_for_generation_answers_as_the_adapter_layers_and_leaves_them_as_
             patched = sum("forward" in m.__dict__ for m in model.modules())
             merged = model(input_ids=ids).logits
             greedy = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            saved_b = {k: p.clone() for k, p in model.named_parameters() if "lora_B" in k}
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.zero_()  # the merged copies answer now, not the adapter layers
+            unchanged = model(input_ids=ids).logits
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.copy_(saved_b[k])
         again = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert n == patched == 14  # 7 linear layers x 2 decoder layers
     assert (plain - base_only).abs().max() > 1e-2  # the adapters matter here...
     torch.testing.assert_close(merged, plain, rtol=1e-5, atol=1e-5)  # ... and merging keeps their answers
+    assert torch.equal(unchanged, merged)
     assert greedy.tolist() == again.tolist()
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
@@ -136,7 +145,7 @@ def test_merged_for_generation_answers_as_the_adapter_layers_and_leaves_them_as_
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("why", ["dora", "nf4", "no room"])
+@pytest.mark.parametrize("why", ["dora", "nf4", "no room", "out of memory while merging"])
 def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, tiny_model_dir: Path, why: str,
                                                              monkeypatch) -> None:
     from tunelab.model import adapters
@@ -148,7 +157,11 @@ def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, tin
     else:
         model = _trained_lora(tmp_path, use_dora=why == "dora")
     if why == "no room":
-        monkeypatch.setattr(adapters, "_room_for", lambda nbytes, device: False)
+        monkeypatch.setattr(adapters, "_room_for", lambda nbytes, largest, device: False)
+    if why.startswith("out of memory"):  # the third layer's copy does not fit after all
+        real, done = adapters._merged_weight, []
+        monkeypatch.setattr(adapters, "_merged_weight", lambda m: (done.append(m), real(m))[1] if len(done) < 2
+                            else (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
     run = (lambda: None) if why == "nf4" else (lambda: model(input_ids=ids).logits)  # bnb's CPU path: not here
     with torch.no_grad():
@@ -165,6 +178,15 @@ def test_generation_in_a_training_run_goes_through_the_merged_layers(tmp_path: P
     from tunelab.model.kernels import generation_mode
 
     model = _trained_lora(tmp_path)
-    with generation_mode(model):
+    calls = []
+    hooks = [a.register_forward_pre_hook(lambda *_: calls.append(1)) for n, a in model.named_modules()
+             if n.endswith("lora_A.default")]
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with generation_mode(model), torch.no_grad():
         assert sum("forward" in m.__dict__ for m in model.modules()) == 14
+        model(input_ids=ids)
+    assert len(hooks) == 14 and calls == []  # no adapter layer ran: the merged copies answered
     assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 14

@@ -141,24 +141,39 @@ def attach_adapter(model: Any, adapter: str, base: str) -> Any:
 
 
 def _mergeable(layer: Any) -> bool:
-    """A plain LoRA layer over an nn.Linear with an ordinary weight: not DoRA, not 4/8-bit, not a shard."""
+    """A plain LoRA layer over an nn.Linear with an ordinary weight: not DoRA or another peft variant, not 4/8-bit,
+    not a shard."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters:
         return False
     base = layer.get_base_layer()
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    extras = [layer.use_dora, getattr(layer, "lora_bias", {})]  # DoRA's norms, a bias on lora_B: not in the delta
+    # DoRA's norms, other variants' forward, a bias on lora_B: none of them is in get_delta_weight's delta
+    extras = [layer.use_dora, getattr(layer, "lora_bias", {}), getattr(layer, "lora_variant", {})]
     return (type(base) is torch.nn.Linear and type(base.weight.data) is torch.Tensor and bool(active)
             and not any(d.get(a, False) for d in extras for a in active))
 
 
-def _room_for(nbytes: int, device: torch.device) -> bool:
+def _room_for(nbytes: int, largest: int, device: torch.device) -> bool:
+    """Room for the merged copies (`nbytes`) and one layer's float32 temporaries while it merges (`largest`
+    values); on a GPU, memory the allocator holds but does not use counts as free."""
+    need = 1.25 * nbytes + 3 * 4 * largest
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] > 1.25 * nbytes
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > need
     import psutil
 
-    return psutil.virtual_memory().available > 2 * nbytes
+    return psutil.virtual_memory().available > 2 * need
+
+
+def _merged_weight(layer: Any) -> torch.Tensor:
+    """The base weight with the active adapters added, in its dtype (added in float32, rounded once)."""
+    merged = layer.get_base_layer().weight.detach().clone()
+    for a in layer.active_adapters:
+        if a in layer.lora_A:
+            merged.add_(layer.get_delta_weight(a))
+    return merged
 
 
 @contextmanager
@@ -166,22 +181,25 @@ def merged_for_generation(model: Any) -> Iterator[int]:
     """Inside, each plain LoRA layer answers with one matmul against a copy of its base weight with the adapter
     added in, as `tunelab merge` would write it; the trained weights are not touched. Decoding a token through
     peft's LoRA layers is four small kernels and peft's Python per layer: twice the time per token of the merged
-    layers on a 24-layer model (bench/generation_probe.py). Needs a copy of the adapted weights in memory: where that does not
-    fit (or no layer qualifies: QLoRA, DoRA, sharded weights) the layers stay as they are. Yields how many layers
-    were merged."""
+    layers on a 24-layer model (bench/generation_probe.py). Needs a copy of the adapted weights in memory: where
+    that does not fit (or no layer qualifies: QLoRA, DoRA, sharded weights) the layers stay as they are. Yields
+    how many layers were merged."""
     layers = [m for m in model.modules() if _mergeable(m)]
-    nbytes = sum(m.get_base_layer().weight.nbytes for m in layers)
-    if not layers or not _room_for(nbytes, layers[0].get_base_layer().weight.device):
-        yield 0
-        return
+    weights = [m.get_base_layer().weight for m in layers]
+    merged = 0
     try:
-        with torch.no_grad():
-            for m in layers:
-                base = m.get_base_layer()
-                delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
-                merged = (base.weight.float() + delta).to(base.weight.dtype)
-                m.forward = _plain_linear(merged, base.bias)  # an instance attribute: nn.Module calls it
-        yield len(layers)
+        if layers and _room_for(sum(w.nbytes for w in weights), max(w.numel() for w in weights), weights[0].device):
+            try:
+                with torch.no_grad():
+                    for m in layers:
+                        m.forward = _plain_linear(_merged_weight(m), m.get_base_layer().bias)  # nn.Module calls it
+                        merged += 1
+            except torch.OutOfMemoryError:  # the estimate was wrong: generate through the adapters as they are
+                for m in layers:
+                    m.__dict__.pop("forward", None)
+                merged = 0
+                torch.cuda.empty_cache()
+        yield merged
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)

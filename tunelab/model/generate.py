@@ -73,7 +73,10 @@ def load_chat_model(path: str, adapter: str | None = None, bits: int | None = No
     if adapter:
         model = attach_adapter(model, adapter, resolved)
         if quant == "none":  # answers as `tunelab merge`'s folder would: one matmul per layer instead of peft's
-            model = model.merge_and_unload()  # four and its Python, twice as fast per token (generation_probe.py)
+            try:  # four and its Python, twice as fast per token (bench/generation_probe.py)
+                model = model.merge_and_unload()
+            except (NotImplementedError, ValueError):  # adapters peft cannot merge (aLoRA, layer replication)
+                pass
     model.eval()
     model.config.use_cache = True
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
