@@ -99,8 +99,9 @@ def test_a_plan_made_for_auto_is_used_by_the_loader_without_reading_the_headers_
     and headers take seconds)."""
     from tunelab.model import nf4
 
-    plan = nf4.plan_load(str(nf4_model_dir), dtype=torch.float32)
-    assert nf4.unsuitable_plan(plan, 2) is None and nf4.unsuitable_plan(plan, 8).startswith("only 6 of its 14")
+    plan, why = nf4.auto_plan(str(nf4_model_dir), 2, dtype=torch.float32)
+    assert why is None and nf4.unsuitable_plan(plan, 8).startswith("only 6 of its 14")
+    assert nf4.auto_plan(str(nf4_model_dir), 8, dtype=torch.float32)[0] is None
     calls = []
     monkeypatch.setattr(nf4, "plan_load", lambda *a, **k: calls.append(a) or pytest.fail("planned twice"))
     model = load_torchao_nf4(str(nf4_model_dir), dtype=torch.float32, device=CPU, shards=2, plan=plan)

@@ -112,18 +112,23 @@ def plan_load(path: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa
     return LoadPlan(model, files, names, unknown, missing, linear, shapes)
 
 
-def torchao_unsuitable(path: str, shards: int, **build: Any) -> str | None:
-    """Why torchao's NF4 cannot stand in for bitsandbytes' on this model and process count (None: it can), found
-    from the config and the files' headers alone. "auto" then keeps bitsandbytes."""
+def auto_plan(path: str, shards: int, **build: Any) -> tuple[LoadPlan | None, str | None]:
+    """nf4_format auto's question, from the config and the files' headers alone: (the plan load_torchao_nf4 then
+    loads from, None), or (None, why torchao's NF4 cannot stand in for bitsandbytes' on this model and process
+    count: "auto" keeps bitsandbytes)."""
     try:
         plan = plan_load(path, **{"dtype": torch.bfloat16, **build})
     except ModelError as e:
-        return str(e)
-    return unsuitable_plan(plan, shards)
+        return None, str(e)
+    why = unsuitable_plan(plan, shards)
+    return (None, why) if why else (plan, None)
+
+
+def torchao_unsuitable(path: str, shards: int, **build: Any) -> str | None:
+    return auto_plan(path, shards, **build)[1]
 
 
 def unsuitable_plan(plan: LoadPlan, shards: int) -> str | None:
-    """torchao_unsuitable for a plan already made (load_torchao_nf4 can then use it: one read of the headers)."""
     if plan.unknown or plan.missing:
         return "its weight names differ from the model's (transformers renames them on load)"
     ok, total = plan.quantizable(shards)

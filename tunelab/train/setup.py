@@ -25,7 +25,7 @@ from tunelab.config.schema import Config
 from tunelab.data.dataset import prepare_data
 from tunelab.data.pack import Rows
 from tunelab.data.templates import get_template
-from tunelab.errors import CheckpointError, ModelError, OutputExistsError, TrainingError
+from tunelab.errors import CheckpointError, OutputExistsError, TrainingError
 from tunelab.model.adapters import add_lora, count_parameters, make_full_trainable
 from tunelab.model.generate import ChatModel, from_training
 from tunelab.model.kernels import (
@@ -45,7 +45,7 @@ from tunelab.model.load import (
     resolve_model_path,
     warn_if_remote,
 )
-from tunelab.model.nf4 import load_torchao_nf4, plan_load, unsuitable_plan
+from tunelab.model.nf4 import auto_plan, load_torchao_nf4
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
@@ -188,14 +188,10 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     shards = par.world_size if par.shards else 1
     plan = None  # auto's look at the files' headers, handed on to the loader
     if nf4 == "torchao" and cfg.model.nf4_format == "auto":
-        try:
-            plan = plan_load(model_path, **common)
-            why = unsuitable_plan(plan, shards)
-        except ModelError as e:
-            why = str(e)
+        plan, why = auto_plan(model_path, shards, **common)
         if why:  # the same answer on every process: it depends on the files and the process count alone
             logger.info(f"nf4 weights: bitsandbytes, not torchao: {why}")
-            nf4, plan = "bitsandbytes", None
+            nf4 = "bitsandbytes"
     if nf4 == "torchao":  # every process: its GPU gets 4-bit weights, one tensor at a time from the files
         model = load_torchao_nf4(model_path, device=par.device, shards=shards, plan=plan, **common)
     elif par.loads_weights(quantized):
