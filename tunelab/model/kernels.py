@@ -104,8 +104,9 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         plan.checkpointing = "off"
     want_compile = settings.compile
     if want_compile == "auto":
-        # CUDA graphs ("cudagraphs") stay opt-in for now: 5.8x the peer on the launch-bound tutorial QLoRA with
-        # 4 micro-batches per step (same benchmark call, BENCHMARKS.md), not yet run through `tunelab train`.
+        # CUDA graphs ("cudagraphs") stay opt-in for now: 5.8x the peer on the launch-bound tutorial QLoRA in the
+        # benchmark, but through `tunelab train` steps that record new graphs (flex attention's mask inputs at new
+        # addresses) recur and bring a 20-step run to 1.56x (BENCHMARKS.md note (l)).
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
     liger = settings.use_liger
     if liger == "auto":
