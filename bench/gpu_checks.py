@@ -12,7 +12,8 @@
   cudagraphs_accumulation  NF4 QLoRA with CUDA graphs, 4 micro-batches accumulated into one step's gradients
                     (kept allocated: optim.keep_gradients), against the same 4 in eager mode.
 --generate TOKENIZER_DIR: a 1.8B LoRA model being trained with the GPU defaults answers 2 evaluation questions of
-  128 new tokens: with kernels.generation_mode (SDPA, eager layers) and without it (the 2026-11-25 path).
+  128 new tokens through kernels.generation_mode (SDPA, eager layers, LoRA merged), twice: the first evaluation
+  of a run, then a later one.
 
 usage: python bench/gpu_checks.py [--models DIR] [--out FILE] [--check [--only NAME]] [--generate TOKENIZER_DIR]
 """
@@ -20,9 +21,11 @@ usage: python bench/gpu_checks.py [--models DIR] [--out FILE] [--check [--only N
 from __future__ import annotations
 
 import argparse
+import cProfile
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +194,10 @@ def check_offload(root: Path) -> dict:
             abs(loss - ref_loss) / ref_loss, "grad_rel_diff": rel(grads, ref)}
 
 
-def generate(root: Path, tokenizer_dir: str):
-    """Yields one timing per path."""
+def generate(root: Path, tokenizer_dir: str, profile_to: str | None = None):
+    """Yields one timing per evaluation; `profile_to`: a cProfile file of the first."""
     from tunelab.data.templates import get_template
-    from tunelab.model.generate import GenerationOptions, from_training, generate_batch
+    from tunelab.model.generate import from_training
     from tunelab.model.load import load_tokenizer
     from tunelab.train.evaluate import evaluate_chat
 
@@ -212,20 +215,15 @@ def generate(root: Path, tokenizer_dir: str):
         loss_and_grads(model, fn, rows)
     chat = from_training(model, tok, get_template("hf", tok), CUDA)
     questions = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
-    for label in ("generation_mode", "generation_mode_again", "before_fix"):
+    for label in ("generation_mode", "generation_mode_again"):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        if label == "before_fix":  # flex attention during decoding, layers eager as they were then
-            model.eval()
-            with torch.random.fork_rng(devices=[CUDA]), torch.compiler.set_stance("force_eager"):
-                from tunelab.data.formats import Conversation, Message
-
-                convs = [Conversation([Message("user", q)]) for q in questions]
-                answers = generate_batch(chat, convs, GenerationOptions(max_new_tokens=128))
-            model.train()
-        else:
+        prof = cProfile.Profile() if label == "generation_mode" and profile_to else None
+        with prof or nullcontext():
             answers = [r["answer"] for r in evaluate_chat(chat, questions, None, 128)]
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+        if prof:
+            prof.dump_stats(profile_to)
         yield {"check": "eval_generation", "path": label, "seconds": round(time.perf_counter() - t, 2),
                "questions": 2, "max_new_tokens": 128, "answer_chars": [len(a) for a in answers],
                "plan": plan.describe()}
@@ -237,12 +235,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--generate", metavar="TOKENIZER_DIR")
+    ap.add_argument("--profile", metavar="FILE", help="with --generate: cProfile the first evaluation into FILE")
     ap.add_argument("--only", choices=["cudagraphs_accumulation"], help="with --check: this check alone")
     args = ap.parse_args()
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
     checks = (check_cudagraphs_accumulation(root) for _ in [1]) if args.only else check(root)  # runs when read
-    runs = ([checks] if args.check else []) + ([generate(root, args.generate)] if args.generate else [])
+    runs = ([checks] if args.check else []) + ([generate(root, args.generate, args.profile)] if args.generate else [])
     for run in runs:
         try:
             for r in run:

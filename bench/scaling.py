@@ -116,6 +116,7 @@ def make_data(root: Path, n_docs: int = 2400) -> Path:
 
 
 LOG_INTERVAL = 1  # --log-interval
+SAVE_STEPS = 10_000  # --save-steps
 
 
 def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int, accum: int, steps: int,
@@ -125,7 +126,7 @@ def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int
            "data": {"path": str(data), "format": "pretrain", "max_length": max_length, "pack_to_max_length": True},
            "train": {"batch_size": rows, "accumulative_counts": accum, "max_steps": steps,
                      "lr": 2e-4 if lora else 1e-5, "dtype": "bfloat16", "seed": 0},
-           "runtime": {"log_interval": LOG_INTERVAL, "save_steps": 10_000, "save_total_limit": 1}}
+           "runtime": {"log_interval": LOG_INTERVAL, "save_steps": SAVE_STEPS, "save_total_limit": 1}}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -147,7 +148,14 @@ def launch(cfg: Path, work: Path, gpus: int, strategy: str, timeout: int, extra:
         return {"rc": "timeout", "wall_s": round(time.time() - t0), **read_run(work),
                 "error": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
     return {"rc": proc.returncode, "wall_s": round(time.time() - t0), **read_run(work),
-            **({"error": (proc.stderr + proc.stdout)[-1500:]} if proc.returncode else {})}
+            **({"error": child_error(proc.stderr + proc.stdout)} if proc.returncode else {})}
+
+
+def child_error(text: str) -> str:
+    """The failing process's own last lines: torchrun's report of the failure, which follows them, says nothing."""
+    cut = text.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+    cut = text.rfind("Traceback (most recent call last)", 0, cut) if cut >= 0 else -1
+    return (text[:cut] if cut > 0 else text)[-1500:]
 
 
 def read_run(work: Path) -> dict:
@@ -164,6 +172,8 @@ def read_run(work: Path) -> dict:
            "peak_gib": round(max((r.get("memory_gib", 0) for r in rows), default=0), 2),
            "mfu": round(sorted(r["mfu"] for r in rows[2:] if "mfu" in r)[len(speeds) // 2], 4)
            if speeds and "mfu" in rows[-1] else None}
+    if SAVE_STEPS < 10_000:  # each logged interval's rate: the steps around a checkpoint against the others
+        out["tokens_per_s_by_step"] = {r.get("step"): round(r["tokens_per_s"]) for r in rows if "tokens_per_s" in r}
     if logs:
         m = re.search(r"first step done ([\d.]+) s after the process started \(start-up ([\d.]+) s",
                       logs[-1].read_text())
@@ -331,9 +341,11 @@ def main() -> None:
     ap.add_argument("--variants", default="cudagraphs:auto,auto:auto",
                     help="qlora_cudagraphs: model.compile:model.attn_implementation pairs, comma-separated")
     ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
+    ap.add_argument("--save-steps", type=int, default=10_000, help="the runs' runtime.save_steps (a checkpoint's "
+                    "cost: each step's rate is reported)")
     a = ap.parse_args()
-    global LOG_INTERVAL
-    LOG_INTERVAL = a.log_interval
+    global LOG_INTERVAL, SAVE_STEPS
+    LOG_INTERVAL, SAVE_STEPS = a.log_interval, a.save_steps
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     gpus = [int(x) for x in a.gpus.split(",")]

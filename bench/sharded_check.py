@@ -61,6 +61,8 @@ def make_model(shape: str, root: Path) -> Path:
 
     out = root / shape
     if (out / "config.json").exists():
+        if not (out / "tokenizer.json").exists():  # train_throughput.py's folder of the shape saves none
+            word_tokenizer().save_pretrained(str(out))
         return out
     fast = word_tokenizer()
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1,

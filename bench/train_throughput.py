@@ -185,15 +185,13 @@ def run_case(spec: str, root: Path) -> dict:
 def cli_rows(root: Path, shape: str, seqlen: int, bsz: int) -> list:
     """4 steps of rows as `tunelab train` packs bench/scaling.py's documents (its model folder's word tokenizer)."""
     from scaling import make_data
-    from sharded_check import make_model, word_tokenizer
+    from sharded_check import make_model
 
     from tunelab.config.schema import DataSettings
     from tunelab.data.dataset import prepare_data
     from tunelab.model.load import load_tokenizer
 
-    folder = make_model(shape, root)  # scaling.py's folder: with the tokenizer the CLI uses
-    if not (folder / "tokenizer.json").exists():  # made by model_folder() above, which saves none
-        word_tokenizer().save_pretrained(str(folder))
+    folder = make_model(shape, root)  # scaling.py's folder, with the tokenizer the CLI uses
     data = DataSettings(path=str(make_data(root)), format="pretrain", max_length=seqlen, pack_to_max_length=True,
                         cache=False)
     rows = prepare_data(data, load_tokenizer(str(folder)), seed=0).rows

@@ -31,9 +31,11 @@ QUESTIONS = ["你是谁", "Who are you?", "What is the capital of France?"]
 # Tuned on the 2-core CI machine (BENCHMARKS.md, "Self-cognition"): 94% of held-out identity questions answered
 # with the owner's name, 100% of held-out general questions not hijacked, about 4.5 minutes of training. LoRA on
 # the top 15 of 30 layers only: backward stops halfway, 1.6x faster than all layers at the same scores.
+# On a GPU the 40 short steps are over before compiled layers would repay their compile (the first 10 steps ran at
+# 900-1,200 tok/s while rows of new lengths compiled, H100): plain layers and SDPA there; the CPU's "auto" is the same.
 DEMO_OVERRIDES = ["train.max_epochs=4", "train.accumulative_counts=2", "train.batch_size=4", "data.max_length=256",
                   "model.lora.layers_to_transform=15", "runtime.log_interval=5", "runtime.save_steps=1000",
-                  "runtime.evaluation_inputs=[]"]
+                  "runtime.evaluation_inputs=[]", "model.compile=false", "model.attn_implementation=sdpa"]
 GENERAL_RATIO = 0.45
 
 

@@ -102,3 +102,17 @@ def test_chat_with_an_adapter_answers_through_merged_weights_as_peft_would(tiny_
         got, want, plain = (m(input_ids=ids).logits for m in (chat.model, unmerged, base))
     assert (want - plain).abs().max() > 1e-3  # the adapter changes the answers ...
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # ... and merged, it still does the same
+
+
+def test_decoding_on_a_gpu_leaves_out_cudnn_attention_and_restores_it_afterwards() -> None:
+    import torch
+
+    from tunelab.model.generate import decoding_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decoding_attention(torch.device("cuda")):  # sets torch's SDPA flags only: no GPU needed to check them
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with decoding_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

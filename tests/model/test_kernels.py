@@ -14,9 +14,12 @@ from tunelab.config.schema import ALL_LINEAR, LoraSettings, ModelSettings
 from tunelab.errors import ModelError
 from tunelab.model.adapters import add_lora, count_parameters
 from tunelab.model.kernels import (
+    CUDAGRAPHS_MAX_TOKENS,
     FLEX_MAX_ROW,
+    activation_bytes,
     choose_attention,
     choose_checkpointing,
+    choose_cudagraphs,
     compile_layers,
     decoder_layers,
     flop_counter,
@@ -86,6 +89,43 @@ def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path
     assert choice(auto, 10**7) == "offload"
     for value, expected in ((True, "full"), (False, "off"), ("offload", "offload")):
         assert choice(ModelSettings(path="x", gradient_checkpointing=value), 10**7) == expected
+
+
+def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path, layers=8)
+    cuda, free = torch.device("cuda"), 1e9  # the choice only reads the device type: no GPU needed here
+
+    def graphs(tokens: int = 1024, free: float = free, processes: int = 1, **settings) -> bool:
+        s = ModelSettings(path="x", **{"quantization": "nf4", **settings})
+        return choose_cudagraphs(s, model, cuda, tokens, free, processes)
+
+    assert graphs()
+    assert graphs(CUDAGRAPHS_MAX_TOKENS) and not graphs(CUDAGRAPHS_MAX_TOKENS + 1)
+    assert graphs(gradient_checkpointing=False) and graphs(attn_implementation="sdpa")
+    assert not graphs(processes=2)  # DDP's and FSDP's hooks under graphs: not measured
+    assert not graphs(quantization="none")  # plain LoRA steps are long enough to keep the GPU busy
+    assert not graphs(gradient_checkpointing=True)  # graphs cannot replay a recompute
+    assert not graphs(attn_implementation="flex_attention")  # its block mask would record new graphs per step
+    assert not graphs(compile=False) and not graphs(compile=True)
+    assert not choose_cudagraphs(ModelSettings(path="x", quantization="nf4"), model, CPU, 1024, free)
+    # the activations the compiler keeps (a tenth of them) must fit in 60% of free memory
+    need = 0.1 * activation_bytes(model, 1024)
+    assert need == 0.1 * 4.0 * (32 + 64) * 4 * 1024 * 8
+    assert graphs(free=need / 0.6 + 1) and not graphs(free=need / 0.6 - 1)
+    assert graphs(quantization="none", compile="cudagraphs", processes=2)  # asked for: always
+
+
+def test_cuda_graphs_take_sdpa_where_auto_chose_flex_attention(tmp_path: Path) -> None:
+    for requested, expected in (("auto", "sdpa"), ("flex_attention", "flex_attention")):
+        model = tiny_lora(tmp_path / requested)
+        base = model.get_base_model()
+        base.config._attn_implementation = "flex_attention"  # as "auto" loads it on a GPU
+        settings = ModelSettings(path="x", compile="cudagraphs", attn_implementation=requested)
+        plan = prepare_for_training(model, settings, CPU, tokens_per_micro_batch=64)
+        assert (plan.cudagraphs, plan.checkpointing) == (True, "off")
+        assert plan.attention == base.config._attn_implementation == expected
+        assert plan.describe().startswith(f"{expected}, compiled layers (CUDA graphs)")
+    torch._dynamo.reset()
 
 
 def test_skipping_peft_input_cast_gives_identical_gradients_under_autocast(tmp_path: Path) -> None:

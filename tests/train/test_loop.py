@@ -231,5 +231,5 @@ def test_cuda_graphs_that_torch_skipped_are_named_after_the_first_step(tmp_path,
     monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 3)
     run(tmp_path, tiny_model_dir, overrides=["train.max_steps=2", "model.compile=cudagraphs"])
     err = capsys.readouterr()
-    assert "model.compile: cudagraphs: torch ran 3 compiled graphs without CUDA graphs in the first step " \
+    assert "CUDA graphs: torch ran 3 compiled graphs without CUDA graphs in the first step " \
            "(--debug shows why)" in err.out + err.err

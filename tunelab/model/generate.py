@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,18 @@ class Generated:
     finish_reason: str  # "stop" (end of turn or a stop word) or "length" (max_new_tokens reached)
 
 
+def decoding_attention(device: torch.device) -> Any:
+    """SDPA without its cuDNN backend while decoding: cuDNN builds a plan the first time it meets a key length, so
+    for every new token of the first answers (a 1.8B run's first evaluation, 2 x 128 tokens on an H100: 9.1 s, 5.5 s
+    of it in SDPA; without cuDNN 3.0 s, the next evaluation 2.4 s; BENCHMARKS.md). FlashAttention and the
+    memory-efficient kernel need no plan."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def generate(chat: ChatModel, conv: Conversation, opts: GenerationOptions) -> tuple[str, int, int]:
     """(answer, prompt tokens, generated tokens)."""
     g = generate_many(chat, [conv], opts)[0]
@@ -186,7 +199,7 @@ def generate_from_ids(chat: ChatModel, prompts: Sequence[list[int]], opts: Gener
             mask[i, width - len(ids):] = 1
         if cancel is not None:
             kwargs["stopping_criteria"] = _cancellable(cancel[start:start + batch_size])
-        with chat.lock, torch.inference_mode():
+        with chat.lock, torch.inference_mode(), decoding_attention(chat.device):
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
             gen = chat.model.generate(input_ids=inp.to(chat.device), attention_mask=mask.to(chat.device), **kwargs)
@@ -245,7 +258,7 @@ def stream_from_ids(chat: ChatModel, ids: list[int], opts: GenerationOptions,
 
     def run() -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decoding_attention(chat.device):
                 if opts.seed is not None:
                     torch.manual_seed(opts.seed)
                 inp = torch.tensor([ids], device=chat.device)

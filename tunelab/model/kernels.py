@@ -7,10 +7,14 @@ Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMAR
 - Liger's fused linear cross-entropy for the loss (the logits never exist whole), and Liger's RMSNorm, RoPE and
   SwiGLU kernels where the layers are not compiled (compile fuses those itself);
 - each decoder layer compiled by torch.compile, once for all layers, with the compile cache kept under
-  ~/.cache/tunelab so a second run starts fast (CUDA graphs on top are opt-in: model.compile: cudagraphs);
-- activation checkpointing only where needed: always for QLoRA (its point is memory), else when the estimated
-  activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP runs in
-  tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
+  ~/.cache/tunelab so a second run starts fast;
+- CUDA graphs on top for QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are short kernels
+  launched one by one (4-bit dequantisation in every layer): no activation checkpointing there (graphs cannot
+  replay it; the compiler recomputes inside each layer instead) and SDPA rather than flex attention (flex's block
+  mask is rebuilt at new addresses for every micro-batch, so the graphs would be recorded again and again);
+- activation checkpointing only where needed: for the other QLoRA runs (their point is memory), else when the
+  estimated activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP
+  runs in tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
 On the CPU "auto" keeps the plain eager path.
 """
 
@@ -30,9 +34,13 @@ from tunelab.model.adapters import enable_checkpointing, merged_for_generation, 
 
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
-# QLoRA without checkpointing: let the compiler recompute activations down to this share of what it would save
-# (measured on the tutorial case: 3.29 GiB, below the peer's 3.61 GiB; BENCHMARKS.md).
-QLORA_MEMORY_BUDGET = 0.5
+# QLoRA without checkpointing (CUDA graphs): let the compiler recompute activations down to this share of what it
+# would save. 7B QLoRA 1x2048 on an H100: 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85 (the peer: 7.10) for 6% of
+# the speed; QLoRA is about memory (BENCHMARKS.md).
+QLORA_MEMORY_BUDGET = 0.1
+# "auto" takes CUDA graphs for QLoRA micro-batches up to this many tokens: launch-bound steps (tutorial QLoRA,
+# 1x1024, through `tunelab train` on an H100: 21.5k tok/s against 4.0k with checkpointing; BENCHMARKS.md).
+CUDAGRAPHS_MAX_TOKENS = 4096
 # Saved activations per token per decoder layer without checkpointing, in units of (hidden + intermediate
 # size) x bytes per element; calibrated on the 1.8B shape (BENCHMARKS.md).
 NO_CKPT_ACT_FACTOR = 4.0
@@ -83,16 +91,24 @@ def liger_available() -> bool:
 
 
 def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens_per_micro_batch: int,
-                         memory_budget: float | None = None, free: float | None = None) -> SpeedPlan:
+                         memory_budget: float | None = None, free: float | None = None,
+                         processes: int = 1) -> SpeedPlan:
     """Apply the speed settings of `settings` (config.schema.ModelSettings) to a model that already has its
     adapters (or is fully trainable). Call once, before the optimizer is built and before model.train().
     `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory.
     `free`: the memory left for activations (default: `free_memory` here); several processes pass the same
-    number, since the plan decides which collectives a sharded step makes."""
+    number, since the plan decides which collectives a sharded step makes. `processes`: how many train together
+    (CUDA graphs are chosen by "auto" for one only)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
-    plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    free = free_memory(model, device) if free is None else free
+    graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, processes)
+    plan.checkpointing = "off" if graphs and settings.compile == "auto" else \
+        choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    if graphs and plan.attention == "flex_attention" and settings.attn_implementation == "auto":
+        _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in (module docstring)
+        plan.attention = "sdpa"
     if settings.compile == "cudagraphs" and plan.checkpointing != "off":  # only "auto" gets here (config/schema.py)
         # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA recomputes inside the compiled layers
         # instead (the memory budget below); other runs may not fit without checkpointing: say so.
@@ -102,11 +118,8 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
             ui.warn("cudagraphs_memory", "model.compile: cudagraphs runs without activation checkpointing, which "
                     "this micro-batch would need to fit in memory; if it runs out, use compile: auto")
         plan.checkpointing = "off"
-    want_compile = settings.compile
+    want_compile = "cudagraphs" if graphs else settings.compile
     if want_compile == "auto":
-        # CUDA graphs ("cudagraphs") stay opt-in for now: 5.8x the peer on the launch-bound tutorial QLoRA in the
-        # benchmark, but through `tunelab train` steps that record new graphs (flex attention's mask inputs at new
-        # addresses) recur and bring a 20-step run to 1.56x (BENCHMARKS.md note (l)).
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
     liger = settings.use_liger
     if liger == "auto":
@@ -150,6 +163,32 @@ def _decoder(model: Any) -> torch.nn.Module:
     return get() if callable(get) else getattr(model, "model", model)
 
 
+def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: int, free: float,
+                      processes: int = 1) -> bool:
+    """CUDA graphs where asked, or where "auto" finds a launch-bound QLoRA step: one process on a GPU, micro-batches
+    of up to CUDAGRAPHS_MAX_TOKENS, checkpointing not asked for, an attention whose mask the graphs can take, and
+    the activations the compiler keeps (QLORA_MEMORY_BUDGET of all) well inside free memory. Several processes
+    keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured."""
+    if settings.compile == "cudagraphs":
+        return True
+    if settings.compile != "auto" or device.type != "cuda" or processes > 1 or settings.quantization == "none":
+        return False
+    if settings.gradient_checkpointing not in ("auto", False) or settings.attn_implementation == "flex_attention":
+        return False
+    if tokens > CUDAGRAPHS_MAX_TOKENS:
+        return False
+    return QLORA_MEMORY_BUDGET * activation_bytes(model, tokens) <= 0.6 * free
+
+
+def activation_bytes(model: Any, tokens: int) -> float:
+    """Estimated activations a micro-batch of `tokens` saves for the backward without checkpointing."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 0)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
+    return NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
+
+
 def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,
                          free: float | None = None) -> str:
     choice = settings.gradient_checkpointing
@@ -161,13 +200,12 @@ def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens
         return "offload"
     cfg = model.config
     hidden = getattr(cfg, "hidden_size", 0)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
     n_layers = getattr(cfg, "num_hidden_layers", 0)
     if not (hidden and n_layers):
         return "full"
     elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
     free = free_memory(model, device) if free is None else free
-    no_ckpt = NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * n_layers
+    no_ckpt = activation_bytes(model, tokens)
     if no_ckpt <= 0.6 * free and settings.quantization == "none":  # QLoRA: memory first
         return "off"
     # checkpointing keeps one hidden state per layer, plus one layer's activations while it is recomputed

@@ -276,13 +276,14 @@ def _report_start(logger: Any, step_s: float) -> None:
 
 
 def _warn_if_cuda_graphs_skipped() -> None:
-    """model.compile: cudagraphs asked for CUDA graphs; where torch runs a compiled layer without them (a CPU
-    tensor inside, a shape it cannot record) it only logs, and torch's logs show with --debug alone."""
+    """The layers were compiled with CUDA graphs (model.compile: cudagraphs, or "auto" for short QLoRA micro-batches);
+    where torch runs a compiled layer without them (a CPU tensor inside, a shape it cannot record) it only logs, and
+    torch's logs show with --debug alone."""
     from torch._dynamo.utils import counters
 
     skips = counters["inductor"].get("cudagraph_skips", 0)
     if skips:
-        ui.warn("cudagraphs_skipped", f"model.compile: cudagraphs: torch ran {ui.count(skips, 'compiled graph')} "
+        ui.warn("cudagraphs_skipped", f"CUDA graphs: torch ran {ui.count(skips, 'compiled graph')} "
                                       "without CUDA graphs in the first step (--debug shows why); training goes on "
                                       "at the speed of compiled layers")
 
