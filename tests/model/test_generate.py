@@ -110,9 +110,13 @@ def test_decoding_on_a_gpu_leaves_out_cudnn_attention_and_restores_it_afterwards
     from tunelab.model.generate import decoding_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with decoding_attention(torch.device("cuda")):  # sets torch's SDPA flags only: no GPU needed to check them
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    with decoding_attention(torch.device("cpu")):
-        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with decoding_attention(torch.device("cuda")):  # sets torch's SDPA flags only: no GPU needed to check them
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        with decoding_attention(torch.device("cpu")):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

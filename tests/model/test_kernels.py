@@ -95,15 +95,19 @@ def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp
     model = tiny_lora(tmp_path, layers=8)
     cuda, free = torch.device("cuda"), 1e9  # the choice only reads the device type: no GPU needed here
 
-    def graphs(tokens: int = 1024, free: float = free, processes: int = 1, **settings) -> bool:
+    def graphs(tokens: int = 1024, free: float = free, wrapped: bool = False, packed: bool = True,
+               on=model, **settings) -> bool:
         s = ModelSettings(path="x", **{"quantization": "nf4", **settings})
-        return choose_cudagraphs(s, model, cuda, tokens, free, processes)
+        return choose_cudagraphs(s, on, cuda, tokens, free, wrapped, packed)
 
     assert graphs()
     assert graphs(CUDAGRAPHS_MAX_TOKENS) and not graphs(CUDAGRAPHS_MAX_TOKENS + 1)
     assert graphs(gradient_checkpointing=False) and graphs(attn_implementation="sdpa")
-    assert not graphs(processes=2)  # DDP's and FSDP's hooks under graphs: not measured
+    assert not graphs(wrapped=True)  # several processes or sharded weights: DDP's and FSDP's hooks not measured
+    assert not graphs(packed=False)  # every micro-batch would be padded to the full length
     assert not graphs(quantization="none")  # plain LoRA steps are long enough to keep the GPU busy
+    assert not graphs(quantization="int8") and not graphs(nf4_format="torchao")  # not measured
+    assert graphs(nf4_format="bitsandbytes")
     assert not graphs(gradient_checkpointing=True)  # graphs cannot replay a recompute
     assert not graphs(attn_implementation="flex_attention")  # its block mask would record new graphs per step
     assert not graphs(compile=False) and not graphs(compile=True)
@@ -112,7 +116,30 @@ def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp
     need = 0.1 * activation_bytes(model, 1024)
     assert need == 0.1 * 4.0 * (32 + 64) * 4 * 1024 * 8
     assert graphs(free=need / 0.6 + 1) and not graphs(free=need / 0.6 - 1)
-    assert graphs(quantization="none", compile="cudagraphs", processes=2)  # asked for: always
+    # no decoder layers found to compile: no graphs (and so QLoRA keeps its checkpointing)
+    flat = tiny_lora(tmp_path / "flat", layers=8)
+    flat.get_base_model().config.num_hidden_layers = 7
+    assert not graphs(on=flat)
+    assert graphs(quantization="none", compile="cudagraphs", wrapped=True)  # asked for: always
+
+
+def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_sdpa_and_no_checkpointing(tmp_path: Path) -> None:
+    model = tiny_lora(tmp_path)
+    base = model.get_base_model()
+    base.config._attn_implementation = "flex_attention"  # as "auto" loads it on a GPU
+    settings = ModelSettings(path="x", quantization="nf4", use_liger=False)
+    # a plan only: the layers compile lazily, at their first call, which never comes here
+    plan = prepare_for_training(model, settings, torch.device("cuda"), tokens_per_micro_batch=1024, free=1e9)
+    assert (plan.compiled, plan.cudagraphs, plan.checkpointing) == (True, True, "off")
+    assert plan.attention == base.config._attn_implementation == "sdpa"
+    assert torch._functorch.config.activation_memory_budget == 0.1
+    sharded = tiny_lora(tmp_path / "sharded")
+    sharded.get_base_model().config._attn_implementation = "flex_attention"
+    plan = prepare_for_training(sharded, settings, torch.device("cuda"), 1024, free=1e9, wrapped=True)
+    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.attention) == \
+        (True, False, "full", "flex_attention")
+    torch._functorch.config.activation_memory_budget = 1.0
+    torch._dynamo.reset()
 
 
 def test_cuda_graphs_take_sdpa_where_auto_chose_flex_attention(tmp_path: Path) -> None:

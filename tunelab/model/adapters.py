@@ -141,18 +141,44 @@ def attach_adapter(model: Any, adapter: str, base: str) -> Any:
 
 
 def _mergeable(layer: Any) -> bool:
-    """A plain LoRA layer over an nn.Linear with an ordinary weight: not DoRA or another peft variant, not 4/8-bit,
-    not a shard."""
+    """A plain LoRA layer over an nn.Linear with an ordinary weight, or over bitsandbytes' 4-bit layer: not DoRA
+    or another peft variant, not 8-bit, not a shard."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters:
+    if type(layer) is not LoraLinear and not _is_lora_4bit(layer) or layer.merged or layer.disable_adapters:
         return False
     base = layer.get_base_layer()
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     # DoRA's norms, other variants' forward, a bias on lora_B: none of them is in get_delta_weight's delta
     extras = [layer.use_dora, getattr(layer, "lora_bias", {}), getattr(layer, "lora_variant", {})]
-    return (type(base) is torch.nn.Linear and type(base.weight.data) is torch.Tensor and bool(active)
+    plain = type(base) is torch.nn.Linear or _is_lora_4bit(layer)
+    return (plain and type(base.weight.data) is torch.Tensor and bool(active)
             and not any(d.get(a, False) for d in extras for a in active))
+
+
+def _is_lora_4bit(layer: Any) -> bool:
+    """peft's LoRA layer over bitsandbytes' Linear4bit (QLoRA), its weight not sharded."""
+    if type(layer).__name__ != "Linear4bit" or not hasattr(layer, "lora_A"):
+        return False
+    weight = layer.get_base_layer().weight
+    return type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
+
+
+def _base_weight(layer: Any) -> torch.Tensor:
+    """The layer's base weight as a new tensor to add into: 4-bit weights dequantized to their original dtype."""
+    weight = layer.get_base_layer().weight
+    if _is_lora_4bit(layer):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.detach().clone()
+
+
+def _merged_bytes(layer: Any) -> int:
+    weight = layer.get_base_layer().weight
+    if _is_lora_4bit(layer):
+        return real_numel(weight) * weight.quant_state.dtype.itemsize
+    return weight.nbytes
 
 
 def _room_for(nbytes: int, largest: int, device: torch.device) -> bool:
@@ -168,8 +194,9 @@ def _room_for(nbytes: int, largest: int, device: torch.device) -> bool:
 
 
 def _merged_weight(layer: Any) -> torch.Tensor:
-    """The base weight with the active adapters added, in its dtype (added in float32, rounded once)."""
-    merged = layer.get_base_layer().weight.detach().clone()
+    """The base weight with the active adapters added, in its dtype (added in float32, rounded once); 4-bit weights
+    in the dtype they were quantized from."""
+    merged = _base_weight(layer)
     for a in layer.active_adapters:
         if a in layer.lora_A:
             merged.add_(layer.get_delta_weight(a))
@@ -181,14 +208,16 @@ def merged_for_generation(model: Any) -> Iterator[int]:
     """Inside, each plain LoRA layer answers with one matmul against a copy of its base weight with the adapter
     added in, as `tunelab merge` would write it; the trained weights are not touched. Decoding a token through
     peft's LoRA layers is four small kernels and peft's Python per layer: twice the time per token of the merged
-    layers on a 24-layer model (bench/generation_probe.py). Needs a copy of the adapted weights in memory: where
-    that does not fit (or no layer qualifies: QLoRA, DoRA, sharded weights) the layers stay as they are. Yields
-    how many layers were merged."""
+    layers on a 24-layer model (bench/generation_probe.py); QLoRA's 4-bit layers also dequantize their weight for
+    every token. Needs a copy of the adapted weights in memory (QLoRA's in 16 bits: four times its 4-bit weights):
+    where that does not fit (or no layer qualifies: DoRA, 8-bit, sharded weights) the layers stay as they are.
+    Yields how many layers were merged."""
     layers = [m for m in model.modules() if _mergeable(m)]
-    weights = [m.get_base_layer().weight for m in layers]
     merged = 0
     try:
-        if layers and _room_for(sum(w.nbytes for w in weights), max(w.numel() for w in weights), weights[0].device):
+        if layers and _room_for(sum(map(_merged_bytes, layers)),
+                                max(real_numel(m.get_base_layer().weight) for m in layers),
+                                layers[0].get_base_layer().weight.device):
             try:
                 with torch.no_grad():
                     for m in layers:

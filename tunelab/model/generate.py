@@ -157,7 +157,8 @@ def decoding_attention(device: torch.device) -> Any:
     """SDPA without its cuDNN backend while decoding: cuDNN builds a plan the first time it meets a key length, so
     for every new token of the first answers (a 1.8B run's first evaluation, 2 x 128 tokens on an H100: 9.1 s, 5.5 s
     of it in SDPA; without cuDNN 3.0 s, the next evaluation 2.4 s; BENCHMARKS.md). FlashAttention and the
-    memory-efficient kernel need no plan."""
+    memory-efficient kernel need no plan. The flags are process-wide: every caller holds its ChatModel's lock, so
+    two generations never interleave setting and restoring them."""
     if device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -34,11 +34,11 @@ from tunelab.model.adapters import enable_checkpointing, merged_for_generation, 
 
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
-# QLoRA without checkpointing (CUDA graphs): let the compiler recompute activations down to this share of what it
-# would save. 7B QLoRA 1x2048 on an H100: 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85 (the peer: 7.10) for 6% of
-# the speed; QLoRA is about memory (BENCHMARKS.md).
+# QLoRA with compiled layers and no checkpointing (CUDA graphs, or gradient_checkpointing: false): let the compiler
+# recompute activations down to this share of what it would save. Measured with CUDA graphs, 7B QLoRA 1x2048 on an
+# H100: 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85 (the peer: 7.10) for 6% of the speed; QLoRA is about memory.
 QLORA_MEMORY_BUDGET = 0.1
-# "auto" takes CUDA graphs for QLoRA micro-batches up to this many tokens: launch-bound steps (tutorial QLoRA,
+# "auto" takes CUDA graphs for NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (tutorial QLoRA,
 # 1x1024, through `tunelab train` on an H100: 21.5k tok/s against 4.0k with checkpointing; BENCHMARKS.md).
 CUDAGRAPHS_MAX_TOKENS = 4096
 # Saved activations per token per decoder layer without checkpointing, in units of (hidden + intermediate
@@ -92,18 +92,18 @@ def liger_available() -> bool:
 
 def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens_per_micro_batch: int,
                          memory_budget: float | None = None, free: float | None = None,
-                         processes: int = 1) -> SpeedPlan:
+                         wrapped: bool = False, packed: bool = True) -> SpeedPlan:
     """Apply the speed settings of `settings` (config.schema.ModelSettings) to a model that already has its
     adapters (or is fully trainable). Call once, before the optimizer is built and before model.train().
     `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory.
     `free`: the memory left for activations (default: `free_memory` here); several processes pass the same
-    number, since the plan decides which collectives a sharded step makes. `processes`: how many train together
-    (CUDA graphs are chosen by "auto" for one only)."""
+    number, since the plan decides which collectives a sharded step makes. `wrapped`: the model will be sharded or
+    trained by several processes; `packed`: rows are packed to the maximum length (both for choose_cudagraphs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
     free = free_memory(model, device) if free is None else free
-    graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, processes)
+    graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
     plan.checkpointing = "off" if graphs and settings.compile == "auto" else \
         choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
     if graphs and plan.attention == "flex_attention" and settings.attn_implementation == "auto":
@@ -164,20 +164,25 @@ def _decoder(model: Any) -> torch.nn.Module:
 
 
 def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: int, free: float,
-                      processes: int = 1) -> bool:
-    """CUDA graphs where asked, or where "auto" finds a launch-bound QLoRA step: one process on a GPU, micro-batches
-    of up to CUDAGRAPHS_MAX_TOKENS, checkpointing not asked for, an attention whose mask the graphs can take, and
-    the activations the compiler keeps (QLORA_MEMORY_BUDGET of all) well inside free memory. Several processes
-    keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured."""
+                      wrapped: bool = False, packed: bool = True) -> bool:
+    """CUDA graphs where asked, or where "auto" finds a launch-bound NF4 QLoRA step: one unsharded process on a GPU,
+    packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of up to
+    CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs can take,
+    decoder layers to compile, and the activations the compiler keeps (QLORA_MEMORY_BUDGET of all) well inside free
+    memory. Sharded or several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have
+    not been measured, nor int8 or torchao's NF4 weights in one process."""
     if settings.compile == "cudagraphs":
         return True
-    if settings.compile != "auto" or device.type != "cuda" or processes > 1 or settings.quantization == "none":
+    if settings.compile != "auto" or device.type != "cuda" or wrapped or settings.quantization != "nf4" \
+            or settings.nf4_format == "torchao":  # measured with bitsandbytes' NF4, what one process takes by default
         return False
     if settings.gradient_checkpointing not in ("auto", False) or settings.attn_implementation == "flex_attention":
         return False
-    if tokens > CUDAGRAPHS_MAX_TOKENS:
+    if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
-    return QLORA_MEMORY_BUDGET * activation_bytes(model, tokens) <= 0.6 * free
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    need = activation_bytes(model, tokens)
+    return bool(need and decoder_layers(base)) and QLORA_MEMORY_BUDGET * need <= 0.6 * free
 
 
 def activation_bytes(model: Any, tokens: int) -> float:
