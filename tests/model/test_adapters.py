@@ -167,7 +167,8 @@ def test_merged_for_generation_leaves_layers_it_cannot_merge(tmp_path: Path, why
     assert sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in model.modules()) == 14
 
 
-def test_qlora_layers_answer_through_dequantized_merged_copies(tiny_model_dir: Path) -> None:
+def test_qlora_layers_answer_through_dequantized_merged_copies(tiny_model_dir: Path, monkeypatch) -> None:
+    from tunelab.model import adapters
     from tunelab.model.adapters import merged_for_generation
     from tunelab.model.load import load_model
 
@@ -194,6 +195,10 @@ def test_qlora_layers_answer_through_dequantized_merged_copies(tiny_model_dir: P
     torch.testing.assert_close(merged, plain, rtol=1e-4, atol=1e-4)  # dequantize + add = the 4-bit and LoRA paths
     assert torch.equal(unchanged, merged)
     assert all(torch.equal(p, packed[k]) for k, p in model.named_parameters() if "lora_B" not in k)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(adapters, "_room_for", lambda nbytes, largest, device: False)  # 16-bit copies do not fit
+    with torch.no_grad(), merged_for_generation(model) as n:
+        assert n == 0 and not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_generation_in_a_training_run_goes_through_the_merged_layers(tmp_path: Path) -> None:

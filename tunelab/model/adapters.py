@@ -157,37 +157,47 @@ def _mergeable(layer: Any) -> bool:
 
 
 def _is_lora_4bit(layer: Any) -> bool:
-    """peft's LoRA layer over bitsandbytes' Linear4bit (QLoRA), its weight not sharded."""
+    """peft's LoRA layer over bitsandbytes' Linear4bit (QLoRA), its weight not sharded, nor repacked in place for
+    bitsandbytes' CPU inference kernels (a layout dequantize_4bit does not read)."""
     if type(layer).__name__ != "Linear4bit" or not hasattr(layer, "lora_A"):
         return False
     weight = layer.get_base_layer().weight
-    return type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
+    state = getattr(weight, "quant_state", None)
+    return type(weight).__name__ == "Params4bit" and state is not None \
+        and not getattr(state, "packing_format_for_cpu", False)
 
 
 def _base_weight(layer: Any) -> torch.Tensor:
-    """The layer's base weight as a new tensor to add into: 4-bit weights dequantized to their original dtype."""
+    """The layer's base weight as a new tensor to add into: 4-bit weights dequantized to the dtype the layer
+    computes in."""
     weight = layer.get_base_layer().weight
     if _is_lora_4bit(layer):
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(_merged_dtype(layer))
     return weight.detach().clone()
 
 
-def _merged_bytes(layer: Any) -> int:
-    weight = layer.get_base_layer().weight
+def _merged_dtype(layer: Any) -> torch.dtype:
+    base = layer.get_base_layer()
     if _is_lora_4bit(layer):
-        return real_numel(weight) * weight.quant_state.dtype.itemsize
-    return weight.nbytes
+        return getattr(base, "compute_dtype", None) or base.weight.quant_state.dtype
+    return base.weight.dtype
+
+
+def _merged_bytes(layer: Any) -> int:
+    return real_numel(layer.get_base_layer().weight) * _merged_dtype(layer).itemsize
 
 
 def _room_for(nbytes: int, largest: int, device: torch.device) -> bool:
     """Room for the merged copies (`nbytes`) and one layer's float32 temporaries while it merges (`largest`
-    values); on a GPU, memory the allocator holds but does not use counts as free."""
+    values), with a tenth of the GPU to spare for generation itself (its KV cache); on a GPU, memory the allocator
+    holds but does not use counts as free."""
     need = 1.25 * nbytes + 3 * 4 * largest
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > need
+        spare = 0.1 * torch.cuda.get_device_properties(device).total_memory
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > need + spare
     import psutil
 
     return psutil.virtual_memory().available > 2 * need
@@ -195,7 +205,7 @@ def _room_for(nbytes: int, largest: int, device: torch.device) -> bool:
 
 def _merged_weight(layer: Any) -> torch.Tensor:
     """The base weight with the active adapters added, in its dtype (added in float32, rounded once); 4-bit weights
-    in the dtype they were quantized from."""
+    in the dtype their layer computes in."""
     merged = _base_weight(layer)
     for a in layer.active_adapters:
         if a in layer.lora_A:
@@ -221,7 +231,9 @@ def merged_for_generation(model: Any) -> Iterator[int]:
             try:
                 with torch.no_grad():
                     for m in layers:
-                        m.forward = _plain_linear(_merged_weight(m), m.get_base_layer().bias)  # nn.Module calls it
+                        weight, bias = _merged_weight(m), m.get_base_layer().bias
+                        bias = None if bias is None else bias.detach().to(weight.dtype)
+                        m.forward = _plain_linear(weight, bias)  # nn.Module calls it
                         merged += 1
             except torch.OutOfMemoryError:  # the estimate was wrong: generate through the adapters as they are
                 for m in layers:
@@ -235,7 +247,7 @@ def merged_for_generation(model: Any) -> Iterator[int]:
 
 
 def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # in x's dtype, as the layer answers
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
     return forward
