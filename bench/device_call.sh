@@ -12,6 +12,9 @@ start=$(date +%s)
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - start) )); }
 tl() { timeout "$1" python3 bench/train_throughput.py --models "$M" --out "$R" "${@:2}"; }
 peer() { timeout "$1" python3 bench/peer_baseline.py "$2" | python3 bench/record_peer.py "$2" "$R"; }
+# the random models' word tokenizer, with its plain chat template, in /tmp/wordtok (for --generate: timing only)
+wordtok() { python3 -c "import sys; sys.path.insert(0, 'bench'); from sharded_check import word_tokenizer
+word_tokenizer().save_pretrained('/tmp/wordtok')"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; df -h /tmp | tail -1; free -g | head -2
 case $call in
   explore)
@@ -156,7 +159,7 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     awk '/^step [0-9]+\//{print $2, "recorded", rc+0, "re-recordings", rr+0, $0; rc=rr=0; next}
          /\] Recording function/{rc++} /Re-recording/{rr++}' "$OUT/cudagraphs_diag.log" | cut -c1-200
     ;;
-  cudagraphs_next)  # for the next session: decoding with LoRA merged (eval), then CUDA graphs through `tunelab train`,
+  cudagraphs_next)  # decoding with LoRA merged (eval), then CUDA graphs through `tunelab train`,
     # (call cudagraphs_diag: 159 re-recordings in 12 steps, "static input data pointer changed" on flex attention's
     # block-mask inputs). SDPA takes a plain mask tensor, which the graphs copy in: does it replay without re-recording?
     timeout 90 python3 bench/generation_probe.py --device cuda --hidden 2048 --out "$R"  # LoRA merged for eval
@@ -200,26 +203,12 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
   graphs_check)  # the correctness checks on the new QLoRA default (CUDA graphs, SDPA), eval generation of a 1.8B LoRA
     # run, and what a checkpoint (1.8B LoRA, saved every 10 steps) costs the steps around it
     timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check
-    python3 - <<'PY'  # the random 1.8B model's word tokenizer with a plain chat template (timing only)
-import sys; sys.path.insert(0, "bench")
-from sharded_check import word_tokenizer
-t = word_tokenizer()
-t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant: {% endif %}")
-t.save_pretrained("/tmp/wordtok")
-PY
+    wordtok
     timeout 100 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate /tmp/wordtok
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --save-steps 10 lora_1_8b
     ;;
   eval_profile)  # where the first evaluation's 12.1 s go (call graphs_check: 2.3 s the second time)
-    python3 - <<'PY'
-import sys; sys.path.insert(0, "bench")
-from sharded_check import word_tokenizer
-t = word_tokenizer()
-t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant: {% endif %}")
-t.save_pretrained("/tmp/wordtok")
-PY
+    wordtok
     timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --generate /tmp/wordtok --profile "$OUT/eval.prof"
     python3 -c "import pstats; pstats.Stats('$OUT/eval.prof').sort_stats('cumulative').print_stats(45)" | tail -60
     ;;
