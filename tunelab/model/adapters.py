@@ -145,14 +145,14 @@ def _mergeable(layer: Any) -> bool:
     or another peft variant, not 8-bit, not a shard."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear and not _is_lora_4bit(layer) or layer.merged or layer.disable_adapters:
+    four_bit = _is_lora_4bit(layer)
+    if not (type(layer) is LoraLinear or four_bit) or layer.merged or layer.disable_adapters:
         return False
     base = layer.get_base_layer()
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     # DoRA's norms, other variants' forward, a bias on lora_B: none of them is in get_delta_weight's delta
     extras = [layer.use_dora, getattr(layer, "lora_bias", {}), getattr(layer, "lora_variant", {})]
-    plain = type(base) is torch.nn.Linear or _is_lora_4bit(layer)
-    return (plain and type(base.weight.data) is torch.Tensor and bool(active)
+    return ((four_bit or type(base) is torch.nn.Linear) and type(base.weight.data) is torch.Tensor and bool(active)
             and not any(d.get(a, False) for d in extras for a in active))
 
 
