@@ -234,6 +234,48 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
       tail -5 "$OUT/demo_gpu_$i.log"
     done
     ;;
+  lora_profile)  # third session: one step's trace of the 1.8B LoRA defaults (1-row micro-batches) and of one 4-row
+    # micro-batch (bench/trace_gaps.py summarises each into trace_gaps.txt), then the 7B QLoRA at lower compiler
+    # memory budgets, each in a fresh process, beside the peer
+    tl 150 lora_flex_liger:prof=trace
+    tl 150 lora_flex_liger:mb=4,prof=trace
+    for t in "$OUT"/trace_*.json.gz; do echo "== $t"; python3 bench/trace_gaps.py "$t" --gaps 12 --kernels 14; done \
+        > "$OUT/trace_gaps.txt" 2>&1
+    peer 100 qlora7b_sdpa
+    tl 120 qlora7b_sdpa:budget=0.05
+    tl $(( $(left) - 3 )) qlora7b_sdpa:budget=0
+    ;;
+  lora_graphs)  # CUDA graphs for 1-row LoRA micro-batches (call lora_profile: CPU-bound, GPU busy 68%) with
+    # flex attention's block mask in fixed tensors (model/block_mask.py), QLoRA with flex instead of SDPA, 7B QLoRA
+    # without kept gradients (one micro-batch per step); correctness first, each case in a fresh process
+    timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check
+    tl 100 lora_flex_liger
+    tl 100 lora_flex_liger:compile=on
+    peer 90 lora_flex_liger
+    tl 70 tutorial_qlora:rows=4
+    tl 70 tutorial_qlora:rows=4,attn=sdpa
+    peer 45 tutorial_qlora
+    tl 70 qlora7b_sdpa
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 40 --log-interval 10 \
+        --variants auto:auto qlora_cudagraphs
+    ;;
+  graphs_cli3)  # call lora_graphs's `tunelab train` run, cut by its deadline: LoRA and QLoRA with CUDA graphs and
+    # flex attention's fixed block mask through the CLI (rows packed by tunelab, every micro-batch new documents);
+    # then the 7B QLoRA at compiler memory budgets 0.05 and 0 without kept gradients, beside the peer
+    timeout 170 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 \
+        --variants auto:auto lora_cudagraphs
+    timeout 130 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 \
+        --variants auto:auto qlora_cudagraphs
+    peer 80 qlora7b_sdpa
+    tl 70 qlora7b_sdpa:budget=0.05
+    tl $(( $(left) - 3 )) qlora7b_sdpa:budget=0
+    ;;
+  graphs_defaults)  # the committed defaults after graphs_cli3 (compiler memory budget 0 for QLoRA): the tutorial
+    # QLoRA (4 micro-batches) and the 7B QLoRA beside the peer, each in a fresh process
+    peer 40 tutorial_qlora
+    tl 60 tutorial_qlora:rows=4
+    tl $(( $(left) - 3 )) qlora7b_sdpa
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

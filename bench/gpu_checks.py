@@ -3,9 +3,9 @@
 --check: on 2-layer models of the 1.8B shape (random weights), every speed path computes what the plain path does:
   packed_attention  a packed 4096-token row's summed loss under SDPA, flex and eager equals the sum of its
                     documents' losses computed one at a time;
-  default_path      loss and LoRA gradients of tunelab's GPU defaults (flex attention, compiled layers, Liger's
-                    fused loss) against eager SDPA with PyTorch's cross-entropy, and the packed loss against the
-                    documents alone;
+  default_path      loss and LoRA gradients of tunelab's GPU defaults (flex attention with tunelab's block mask,
+                    compiled layers under CUDA graphs, Liger's fused loss) against eager SDPA with PyTorch's
+                    cross-entropy, and the packed loss against the documents alone;
   qlora_compiled    the same for NF4 QLoRA, compiled against eager;
   offload           checkpointing with CPU-offloaded layer inputs and the tiled MLP against plain checkpointing
                     on one 32k-token document;
@@ -40,7 +40,7 @@ from tunelab.data.pack import collate  # noqa: E402
 from tunelab.model import kernels  # noqa: E402
 from tunelab.model.adapters import add_lora  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
-from tunelab.train.loss import causal_lm_loss, liger_causal_lm_loss  # noqa: E402
+from tunelab.train.loss import causal_lm_loss, liger_causal_lm_loss, loss_module_for  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -100,6 +100,7 @@ def check(root: Path):
     """Yields one result per check."""
     gen = torch.Generator().manual_seed(1)
     rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    other = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
     # packed attention under each backend (no adapters, no compile)
     model = load_model(str(small_folder(root)), dtype=torch.bfloat16, device=CUDA, attn_implementation="sdpa")
     res = {"check": "packed_attention"}
@@ -123,9 +124,11 @@ def check(root: Path):
         torch._dynamo.reset()
         fast = ModelSettings(path="x", quantization=quant, gradient_checkpointing="auto")
         model, plan = lora_model(root, fast, kernels.choose_attention("auto", CUDA, 4096), 4096)
-        fn = liger_causal_lm_loss if plan.liger_loss else causal_lm_loss
-        losses = [loss_and_grads(model, fn, rows) for _ in range(2)]  # the second call runs compiled code
-        loss, grads = losses[-1]
+        module = loss_module_for(model, plan, CUDA)  # with CUDA graphs and flex: tunelab's static block mask
+        # compiled code from the second call on; with CUDA graphs the first records, the third replays, on a row
+        # whose documents differ from the recorded one's (the block mask refilled in place)
+        for r in (other, other, rows):
+            loss, grads = loss_and_grads(model, lambda m, b: module(b), r)
         yield {"check": name, "plan": plan.describe(), "reference": "eager sdpa, torch cross-entropy",
                "loss": loss, "reference_loss": ref_loss, "documents_alone": alone,
                "loss_rel_diff": abs(loss - ref_loss) / ref_loss,

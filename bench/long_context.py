@@ -27,7 +27,7 @@ from tunelab.model.adapters import add_lora  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
 from tunelab.model.offload import OffloadPolicy  # noqa: E402
 from tunelab.train.loop import accumulate_gradients  # noqa: E402
-from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
+from tunelab.train.loss import loss_module_for  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
 from tunelab.train.parallel import Parallel  # noqa: E402
 
@@ -51,7 +51,7 @@ def main() -> None:
     model.train()
     emit({"impl": "tunelab", "case": "qlora8b_setup", "plan": plan.describe(), "built_s": round(time.time() - t0, 1),
           "model_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}, args.out)
-    loss_module = LossModule(model, choose_loss(plan.liger_loss, CUDA))
+    loss_module = loss_module_for(model, plan, CUDA)
     optimizer = build_optimizer(model, TrainSettings(lr=1e-5), CUDA)
     ckpt_fn = getattr(kernels.decoder_layers(model.get_base_model())[0], "_gradient_checkpointing_func", None)
     policy = next((a for a in getattr(ckpt_fn, "args", ()) if isinstance(a, OffloadPolicy)), None)

@@ -34,7 +34,7 @@ from tunelab.model.adapters import add_lora  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
 from tunelab.train import parallel  # noqa: E402
 from tunelab.train.loop import accumulate_gradients  # noqa: E402
-from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
+from tunelab.train.loss import loss_module_for  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
 
 SHAPES.setdefault("tiny", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -107,7 +107,7 @@ def main() -> None:
     model = add_lora(model, settings.lora)
     plan = kernels.prepare_for_training(model, settings, device, SEQ)
     model.train()
-    loss_module = parallel.wrap(par, LossModule(model, choose_loss(plan.liger_loss, device)), model,
+    loss_module = parallel.wrap(par, loss_module_for(model, plan, device), model,
                                 torch.bfloat16, filled_on_rank0=False)
     load_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]

@@ -11,8 +11,9 @@ Cases (random-weight models of the peer's shapes, bench/peer_baseline.py; word-l
   qlora_1_8b     1.8B QLoRA r64, 1 x 4096 rows per GPU: one GPU (bitsandbytes NF4), then zero3 on the largest GPU
                  count with each NF4 format (auto = torchao's NF4Tensor; bitsandbytes packed in bf16), and
                  zero3_offload (auto); every run trains on the same rows per step.
-  qlora_cudagraphs  the tutorial's QLoRA (1.8B, 1 x 1024, 4 micro-batches per step) on one GPU, model.compile auto
-                 and cudagraphs.
+  qlora_cudagraphs  the tutorial's QLoRA (1.8B, 1 x 1024, 4 micro-batches per step) on one GPU, with each
+                 --variants pair of model.compile and model.attn_implementation.
+  lora_cudagraphs  the same for 1.8B LoRA, 1 x 4096, 4 micro-batches per step.
   qlora_70b      70B-shape QLoRA r64, zero3 on the largest GPU count, 1 x 2048 rows per GPU, 6 steps: does it
                  fit, at what memory and speed. The random weights are saved in float8 (a 70B model in bf16,
                  140 GB, exceeds the host's disk); loading casts them to bf16 and quantizes them to NF4.
@@ -260,18 +261,20 @@ def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def qlora_cudagraphs(root: Path, steps: int, emit, shape: str, variants: str) -> None:
-    """The tutorial's QLoRA through `tunelab train` on one GPU: 1,024-token rows, 4 micro-batches per step;
-    `variants` lists model.compile:model.attn_implementation pairs, the one under test first."""
+def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case: str) -> None:
+    """CUDA graphs through `tunelab train` on one GPU, 4 micro-batches of one row per step: the tutorial's QLoRA
+    (qlora_cudagraphs, 1,024-token rows) or 1.8B LoRA (lora_cudagraphs, 4,096-token rows); `variants` lists
+    model.compile:model.attn_implementation pairs, the one under test first."""
+    quantization, length = {"qlora_cudagraphs": ("nf4", 1024), "lora_cudagraphs": ("none", 4096)}[case]
     model, data = make_model(shape, root), make_data(root)
     for variant in variants.split(","):
         compile_mode, attn = variant.split(":")
-        work = root / "runs" / f"qlora_cudagraphs_{compile_mode}_{attn}"
+        work = root / "runs" / f"{case}_{compile_mode}_{attn}"
         shutil.rmtree(work, ignore_errors=True)
-        cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=1024,
-                           quantization="nf4", compile=compile_mode, attn_implementation=attn)
+        cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=length,
+                           quantization=quantization, compile=compile_mode, attn_implementation=attn)
         r = launch(cfg, work, 1, "ddp", timeout=300)
-        emit(per_gpu({**r, "case": "qlora_cudagraphs", "compile": compile_mode, "attn": attn, "gpus": 1}, 1))
+        emit(per_gpu({**r, "case": case, "compile": compile_mode, "attn": attn, "gpus": 1}, 1))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -336,7 +339,8 @@ def profile_startup(root: Path, shape: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "qlora_1_8b", "qlora_cudagraphs", "qlora_70b", "nodes"])
+    ap.add_argument("cases", nargs="+", choices=["lora_1_8b", "full_7b", "qlora_1_8b", "qlora_cudagraphs", "lora_cudagraphs",
+                                          "qlora_70b", "nodes"])
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--root", default="/tmp/tl_models")
@@ -346,7 +350,7 @@ def main() -> None:
                     help="lora_1_8b: also run the 1-GPU case once under cProfile (2 steps), stats to --out's folder")
     ap.add_argument("--shape", default="1_8b", help="lora_1_8b, qlora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
     ap.add_argument("--variants", default="cudagraphs:auto,auto:auto",
-                    help="qlora_cudagraphs: model.compile:model.attn_implementation pairs, comma-separated")
+                    help="qlora_cudagraphs, lora_cudagraphs: model.compile:model.attn_implementation pairs, comma-separated")
     ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
     ap.add_argument("--save-steps", type=int, default=10_000, help="the runs' runtime.save_steps (a checkpoint's "
                     "cost: each step's rate is reported)")
@@ -378,8 +382,8 @@ def main() -> None:
             full_7b(root, gpus, max(4, a.steps // 2), emit)
         elif case == "qlora_1_8b":
             qlora(root, gpus, a.steps, emit, a.shape)
-        elif case == "qlora_cudagraphs":
-            qlora_cudagraphs(root, a.steps, emit, a.shape, a.variants)
+        elif case in ("qlora_cudagraphs", "lora_cudagraphs"):
+            cudagraphs_cli(root, a.steps, emit, a.shape, a.variants, case)
         elif case == "qlora_70b":
             qlora_70b(root, gpus, 6, emit)
         else:

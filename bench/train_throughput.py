@@ -12,7 +12,8 @@ A case runs with tunelab's defaults unless a variant follows its name, e.g.
 keys: ckpt=auto|on|off|offload  compile=auto|on|off|cudagraphs  liger=auto|on|off  attn=auto|sdpa|flex_attention
       budget=F (compiled layers: activation memory budget, 0..1)  rows=N (rows per step instead of the case's)
       mb=N (rows per micro-batch; the step is always the case's rows)  cast=on (keep peft's input cast)
-      prof=1 (print the profiler's top kernels for two steps)
+      prof=1 (print the profiler's top kernels for two steps)  prof=trace (one step's Chrome trace, gzipped, into
+      $OUT or /tmp, for bench/trace_gaps.py)
       data=cli (train on the rows `tunelab train` makes of bench/scaling.py's documents, packed by tunelab's data
       pipeline, instead of the peer's: the CLI-against-bench comparison on the same rows)
 
@@ -39,7 +40,7 @@ from tunelab.model import kernels  # noqa: E402
 from tunelab.model.adapters import add_lora, make_full_trainable  # noqa: E402
 from tunelab.model.load import load_model  # noqa: E402
 from tunelab.train.loop import accumulate_gradients  # noqa: E402
-from tunelab.train.loss import LossModule, choose_loss  # noqa: E402
+from tunelab.train.loss import loss_module_for  # noqa: E402
 from tunelab.train.optim import build_optimizer, keep_gradients, zero_gradients  # noqa: E402
 from tunelab.train.parallel import Parallel  # noqa: E402
 
@@ -136,10 +137,11 @@ def run_case(spec: str, root: Path) -> dict:
     torch.cuda.empty_cache()
     model_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
-    loss_module = LossModule(model, choose_loss(plan.liger_loss, device))
+    loss_module = loss_module_for(model, plan, device)
     optimizer = build_optimizer(model, TrainSettings(lr=1e-5), device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if plan.cudagraphs:  # as `tunelab train` does (train/setup.py)
+    keep = plan.cudagraphs and bsz > mb  # as `tunelab train` does (train/setup.py): several micro-batches
+    if keep:
         keep_gradients(params)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator().manual_seed(0)
@@ -156,7 +158,7 @@ def run_case(spec: str, root: Path) -> dict:
                                        seqlen if plan.cudagraphs else None)  # as `tunelab train` pads them
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        zero_gradients(optimizer, plan.cudagraphs)
+        zero_gradients(optimizer, keep)
         return float(loss)
 
     times, flops, loss = [], [], float("nan")
@@ -167,7 +169,9 @@ def run_case(spec: str, root: Path) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         flops.append(kernels.step_flops(counter, batches[s % 4]))
-    if var.get("prof"):
+    if var.get("prof") == "trace":
+        trace(step, batches[0], f"{name}_{vtext.replace('=', '').replace(',', '_')}")
+    elif var.get("prof"):
         profile(step, batches)
     timed = sorted(range(3, 11), key=lambda i: times[i])
     mid = timed[len(timed) // 2]
@@ -208,6 +212,25 @@ def profile(step, batches: list) -> None:
             step(batches[s])
         torch.cuda.synchronize()
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+
+
+def trace(step, rows: list, label: str) -> None:
+    import gzip
+    import os
+    import shutil
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    path = Path(os.environ.get("OUT", "/tmp")) / f"trace_{label}.json"
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        step(rows)
+        torch.cuda.synchronize()
+    p.export_chrome_trace(str(path))
+    with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
 
 
 def emit(res: dict, out: Path | None) -> None:

@@ -24,6 +24,7 @@ from tunelab.model.kernels import (
     decoder_layers,
     flop_counter,
     generation_mode,
+    kept_activation_bytes,
     peak_flops,
     prepare_for_training,
     skip_lora_input_cast,
@@ -91,7 +92,7 @@ def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path
         assert choice(ModelSettings(path="x", gradient_checkpointing=value), 10**7) == expected
 
 
-def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp_path: Path) -> None:
+def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_in_one_process(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path, layers=8)
     cuda, free = torch.device("cuda"), 1e9  # the choice only reads the device type: no GPU needed here
 
@@ -105,17 +106,28 @@ def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp
     assert graphs(gradient_checkpointing=False) and graphs(attn_implementation="sdpa")
     assert not graphs(wrapped=True)  # several processes or sharded weights: DDP's and FSDP's hooks not measured
     assert not graphs(packed=False)  # every micro-batch would be padded to the full length
-    assert not graphs(quantization="none")  # plain LoRA steps are long enough to keep the GPU busy
+    assert graphs(quantization="none")  # LoRA: 1-row micro-batches were launch-bound too (BENCHMARKS.md)
+    assert not graphs(quantization="none", lora=None)  # full fine-tuning: not measured
+    assert not graphs(lora=LoraSettings(use_dora=True))
     assert not graphs(quantization="int8") and not graphs(nf4_format="torchao")  # not measured
     assert graphs(nf4_format="bitsandbytes")
     assert not graphs(gradient_checkpointing=True)  # graphs cannot replay a recompute
-    assert not graphs(attn_implementation="flex_attention")  # its block mask would record new graphs per step
+    # flex attention's block mask is kept in fixed tensors (model/block_mask.py), for plain causal models only
+    assert graphs(attn_implementation="flex_attention")
+    windowed = tiny_lora(tmp_path / "windowed", layers=8)
+    windowed.get_base_model().config.sliding_window = 16
+    assert not graphs(attn_implementation="flex_attention", on=windowed) and graphs(on=windowed)
     assert not graphs(compile=False) and not graphs(compile=True)
     assert not choose_cudagraphs(ModelSettings(path="x", quantization="nf4"), model, CPU, 1024, free)
-    # the activations the compiler keeps (a tenth of them) must fit in 60% of free memory
-    need = 0.1 * activation_bytes(model, 1024)
-    assert need == 0.1 * 4.0 * (32 + 64) * 4 * 1024 * 8
-    assert graphs(free=need / 0.6 + 1) and not graphs(free=need / 0.6 - 1)
+    # QLoRA keeps each layer's input (the compiler recomputes the rest, QLORA_MEMORY_BUDGET 0); LoRA keeps all its
+    # activations; either must fit in 60% of free memory
+    inputs, everything = 32 * 4 * 1024 * 8, 4.0 * (32 + 64) * 4 * 1024 * 8
+    assert activation_bytes(model, 1024) == everything
+    assert kept_activation_bytes(model, 1024, 0.0) == inputs
+    assert kept_activation_bytes(model, 1024, 0.5) == inputs + 0.5 * (everything - inputs)
+    assert graphs(free=inputs / 0.6 + 1) and not graphs(free=inputs / 0.6 - 1)
+    assert graphs(quantization="none", free=everything / 0.6 + 1)
+    assert not graphs(quantization="none", free=everything / 0.6 - 1)
     # no decoder layers found to compile: no graphs (and so QLoRA keeps its checkpointing)
     flat = tiny_lora(tmp_path / "flat", layers=8)
     flat.get_base_model().config.num_hidden_layers = 7
@@ -123,33 +135,38 @@ def test_auto_takes_cuda_graphs_for_short_qlora_micro_batches_in_one_process(tmp
     assert graphs(quantization="none", compile="cudagraphs", wrapped=True)  # asked for: always
 
 
-def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_sdpa_and_no_checkpointing(tmp_path: Path) -> None:
+def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_flex_and_no_checkpointing(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path)
     base = model.get_base_model()
     base.config._attn_implementation = "flex_attention"  # as "auto" loads it on a GPU
     settings = ModelSettings(path="x", quantization="nf4", use_liger=False)
     # a plan only: the layers compile lazily, at their first call, which never comes here
     plan = prepare_for_training(model, settings, torch.device("cuda"), tokens_per_micro_batch=1024, free=1e9)
-    assert (plan.compiled, plan.cudagraphs, plan.checkpointing) == (True, True, "off")
-    assert plan.attention == base.config._attn_implementation == "sdpa"
-    assert torch._functorch.config.activation_memory_budget == 0.1
+    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.static_mask) == (True, True, "off", True)
+    assert plan.attention == base.config._attn_implementation == "flex_attention"
+    assert torch._functorch.config.activation_memory_budget == 0.0
     sharded = tiny_lora(tmp_path / "sharded")
     sharded.get_base_model().config._attn_implementation = "flex_attention"
     plan = prepare_for_training(sharded, settings, torch.device("cuda"), 1024, free=1e9, wrapped=True)
-    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.attention) == \
-        (True, False, "full", "flex_attention")
+    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.attention, plan.static_mask) == \
+        (True, False, "full", "flex_attention", False)
     torch._functorch.config.activation_memory_budget = 1.0
     torch._dynamo.reset()
 
 
-def test_cuda_graphs_take_sdpa_where_auto_chose_flex_attention(tmp_path: Path) -> None:
-    for requested, expected in (("auto", "sdpa"), ("flex_attention", "flex_attention")):
-        model = tiny_lora(tmp_path / requested)
+def test_cuda_graphs_keep_flex_attention_with_a_fixed_mask_or_take_sdpa(tmp_path: Path) -> None:
+    """Plain causal models keep flex attention under CUDA graphs (the loss module builds its block mask in fixed
+    tensors); a model whose mask has a sliding window takes SDPA where "auto" chose flex."""
+    cases = (("auto", None, "flex_attention", True), ("flex_attention", None, "flex_attention", True),
+             ("auto", 16, "sdpa", False), ("flex_attention", 16, "flex_attention", False))
+    for requested, window, expected, static in cases:
+        model = tiny_lora(tmp_path / f"{requested}_{window}")
         base = model.get_base_model()
         base.config._attn_implementation = "flex_attention"  # as "auto" loads it on a GPU
+        base.config.sliding_window = window
         settings = ModelSettings(path="x", compile="cudagraphs", attn_implementation=requested)
         plan = prepare_for_training(model, settings, CPU, tokens_per_micro_batch=64)
-        assert (plan.cudagraphs, plan.checkpointing) == (True, "off")
+        assert (plan.cudagraphs, plan.checkpointing, plan.static_mask) == (True, "off", static)
         assert plan.attention == base.config._attn_implementation == expected
         assert plan.describe().startswith(f"{expected}, compiled layers (CUDA graphs)")
     torch._dynamo.reset()

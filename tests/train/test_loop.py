@@ -159,7 +159,7 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model_dir):
 
 
 def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    from tunelab.train import setup
+    from tunelab.train import loss as loss_module
     from tunelab.train.loss import causal_lm_loss
 
     calls = {"n": 0}
@@ -169,7 +169,7 @@ def test_repeated_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_pa
         calls["n"] += 1
         return (loss * float("nan"), n) if calls["n"] > 4 else (loss, n)  # NaN from step 3 (2 micro-batches)
 
-    monkeypatch.setattr(setup, "choose_loss", lambda *a: poisoned)
+    monkeypatch.setattr(loss_module, "choose_loss", lambda *a: poisoned)
     with pytest.raises(TrainingError, match=r"3 consecutive steps with a non-finite loss.*iter_2"):
         run(tmp_path, tiny_model_dir, overrides=["train.max_bad_steps=3", "runtime.save_steps=2",
                                                  "train.max_epochs=4", "data.pack_to_max_length=false"])
@@ -219,6 +219,25 @@ def test_a_cuda_graphs_run_keeps_its_gradients_and_trains_and_resumes_as_the_def
     c = read_scalars(again.log_dir / "scalars.jsonl")
     assert [r["step"] for r in c] == [3, 4]
     assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-5)
+
+
+def test_a_cuda_graphs_run_of_one_micro_batch_per_step_leaves_its_gradients_to_the_graphs(tmp_path, tiny_model_dir,
+                                                                                        monkeypatch):
+    """One micro-batch per step: the step reads its gradients before the next replay, so they are not kept
+    allocated (that kept 7B QLoRA above the peer's memory, BENCHMARKS.md); the run trains as the plain path."""
+    from tunelab.model import kernels
+    from tunelab.train import loop, optim
+
+    monkeypatch.setattr(kernels, "compile_layers", lambda layers, backend="inductor", mode=None: None)
+    kept: list[bool] = []
+    monkeypatch.setattr(loop, "zero_gradients", lambda opt, keep: (kept.append(keep), optim.zero_gradients(opt, keep)))
+    over = ["train.max_steps=3", "train.accumulative_counts=1", "train.batch_size=2"]
+    ref = run(tmp_path, tiny_model_dir, work="plain", overrides=over)
+    got = run(tmp_path, tiny_model_dir, work="graphs", overrides=[*over, "model.compile=cudagraphs"])
+    assert kept == [False] * 6
+    assert "compiled layers (CUDA graphs)" in (got.log_dir / "train.log").read_text()
+    a, b = read_scalars(ref.log_dir / "scalars.jsonl"), read_scalars(got.log_dir / "scalars.jsonl")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
 
 
 def test_cuda_graphs_that_torch_skipped_are_named_after_the_first_step(tmp_path, tiny_model_dir, monkeypatch, capsys):

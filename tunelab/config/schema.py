@@ -68,8 +68,8 @@ class ModelSettings(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     # Liger fused kernels (GPU only, needs liger-kernel): fused linear cross-entropy, RMSNorm, RoPE, SwiGLU.
     use_liger: bool | Literal["auto"] = "auto"
-    # torch.compile of each decoder layer ("auto": on a GPU, with CUDA graphs for QLoRA micro-batches of up to 4,096
-    # tokens in one process); "cudagraphs" asks for CUDA graphs (no activation checkpointing) everywhere.
+    # torch.compile of each decoder layer ("auto": on a GPU, with CUDA graphs for LoRA and QLoRA micro-batches of up
+    # to 4,096 tokens in one process); "cudagraphs" asks for CUDA graphs (no activation checkpointing) everywhere.
     compile: bool | Literal["auto", "cudagraphs"] = "auto"
     revision: str | None = None
 

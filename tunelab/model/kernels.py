@@ -8,10 +8,11 @@ Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMAR
   SwiGLU kernels where the layers are not compiled (compile fuses those itself);
 - each decoder layer compiled by torch.compile, once for all layers, with the compile cache kept under
   ~/.cache/tunelab so a second run starts fast;
-- CUDA graphs on top for QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are short kernels
-  launched one by one (4-bit dequantisation in every layer): no activation checkpointing there (graphs cannot
-  replay it; the compiler recomputes inside each layer instead) and SDPA rather than flex attention (flex's block
-  mask is rebuilt at new addresses for every micro-batch, so the graphs would be recorded again and again);
+- CUDA graphs on top for LoRA and QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are
+  many short kernels launched one by one (the low-rank matmuls of every layer; 4-bit dequantisation): no
+  activation checkpointing there (graphs cannot replay it; QLoRA's compiled layers recompute inside instead), and
+  flex attention's block mask kept in the same tensors from one micro-batch to the next (model/block_mask.py;
+  where a model's mask is not plain causal, SDPA, whose mask the graphs copy in);
 - activation checkpointing only where needed: for the other QLoRA runs (their point is memory), else when the
   estimated activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP
   runs in tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
@@ -31,15 +32,19 @@ import torch
 
 from tunelab.errors import ModelError
 from tunelab.model.adapters import enable_checkpointing, merged_for_generation, real_numel
+from tunelab.model.block_mask import supports_static_mask
 
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
 # QLoRA with compiled layers and no checkpointing (CUDA graphs, or gradient_checkpointing: false): let the compiler
-# recompute activations down to this share of what it would save. Measured with CUDA graphs, 7B QLoRA 1x2048 on an
-# H100: 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85 (the peer: 7.10) for 6% of the speed; QLoRA is about memory.
-QLORA_MEMORY_BUDGET = 0.1
-# "auto" takes CUDA graphs for NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (tutorial QLoRA,
-# 1x1024, through `tunelab train` on an H100: 21.5k tok/s against 4.0k with checkpointing; BENCHMARKS.md).
+# recompute activations down to this share of what it would save beyond each layer's input (0: the input alone,
+# as checkpointing keeps). 7B QLoRA 1x2048 under CUDA graphs on an H100 (BENCHMARKS.md): with the gradients kept
+# allocated, 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85; without (one micro-batch per step), 0.1 -> 7.13 GiB at
+# 10,869 tok/s and 0 -> 6.68 GiB at 10,544 (the peer: 7.10 GiB at 4,285-4,779). QLoRA is about memory.
+QLORA_MEMORY_BUDGET = 0.0
+# "auto" takes CUDA graphs for LoRA and NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (through
+# `tunelab train` on an H100, BENCHMARKS.md: tutorial QLoRA 1x1024, 21.5k tok/s against 4.0k with checkpointing;
+# 1.8B LoRA 1x4096, GPU busy 68% of the step without graphs, 52.7k tok/s with them against 44.2k).
 CUDAGRAPHS_MAX_TOKENS = 4096
 # Saved activations per token per decoder layer without checkpointing, in units of (hidden + intermediate
 # size) x bytes per element; calibrated on the 1.8B shape (BENCHMARKS.md).
@@ -58,6 +63,7 @@ class SpeedPlan:
     liger_layers: bool = False
     compiled: bool = False
     cudagraphs: bool = False
+    static_mask: bool = False  # flex attention's block mask built by tunelab, in fixed tensors (CUDA graphs)
     checkpointing: str = "off"  # "off" | "full" | "offload"
 
     def describe(self) -> str:
@@ -106,9 +112,12 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
     plan.checkpointing = "off" if graphs and settings.compile == "auto" else \
         choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
-    if graphs and plan.attention == "flex_attention" and settings.attn_implementation == "auto":
-        _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in (module docstring)
-        plan.attention = "sdpa"
+    if graphs and plan.attention == "flex_attention":
+        if supports_static_mask(base.config):
+            plan.static_mask = True  # the loss module builds it (train/loss.py)
+        elif settings.attn_implementation == "auto":
+            _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in
+            plan.attention = "sdpa"
     if settings.compile == "cudagraphs" and plan.checkpointing != "off":  # only "auto" gets here (config/schema.py)
         # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA recomputes inside the compiled layers
         # instead (the memory budget below); other runs may not fit without checkpointing: say so.
@@ -165,24 +174,29 @@ def _decoder(model: Any) -> torch.nn.Module:
 
 def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: int, free: float,
                       wrapped: bool = False, packed: bool = True) -> bool:
-    """CUDA graphs where asked, or where "auto" finds a launch-bound NF4 QLoRA step: one unsharded process on a GPU,
-    packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of up to
-    CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs can take,
-    decoder layers to compile, and the activations the compiler keeps (QLORA_MEMORY_BUDGET of all) well inside free
-    memory. Sharded or several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have
-    not been measured, nor int8 or torchao's NF4 weights in one process."""
+    """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: one unsharded process
+    on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
+    up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
+    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA,
+    QLORA_MEMORY_BUDGET of all) well inside free memory. Sharded or several-process runs keep plain compiled
+    layers: graphs under DDP's and FSDP's hooks have not been measured, nor full fine-tuning, DoRA, int8 or
+    torchao's NF4 weights."""
     if settings.compile == "cudagraphs":
         return True
-    if settings.compile != "auto" or device.type != "cuda" or wrapped or settings.quantization != "nf4" \
-            or settings.nf4_format == "torchao":  # measured with bitsandbytes' NF4, what one process takes by default
+    if settings.compile != "auto" or device.type != "cuda" or wrapped:
         return False
-    if settings.gradient_checkpointing not in ("auto", False) or settings.attn_implementation == "flex_attention":
+    if settings.lora is None or settings.lora.use_dora or settings.quantization not in ("none", "nf4") \
+            or (settings.quantization == "nf4" and settings.nf4_format == "torchao"):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if settings.gradient_checkpointing not in ("auto", False) or (
+            settings.attn_implementation == "flex_attention" and not supports_static_mask(base.config)):
         return False
     if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    need = activation_bytes(model, tokens)
-    return bool(need and decoder_layers(base)) and QLORA_MEMORY_BUDGET * need <= 0.6 * free
+    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" else 1.0
+    need = kept_activation_bytes(model, tokens, budget)
+    return bool(need and decoder_layers(base)) and need <= 0.6 * free
 
 
 def activation_bytes(model: Any, tokens: int) -> float:
@@ -192,6 +206,15 @@ def activation_bytes(model: Any, tokens: int) -> float:
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
     elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
     return NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
+
+
+def kept_activation_bytes(model: Any, tokens: int, budget: float) -> float:
+    """What compiled layers keep when the compiler recomputes down to `budget` (0..1): each layer's input, and
+    that share of the rest of activation_bytes."""
+    cfg = model.config
+    elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
+    inputs = getattr(cfg, "hidden_size", 0) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
+    return inputs + budget * max(0.0, activation_bytes(model, tokens) - inputs)
 
 
 def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,

@@ -234,7 +234,7 @@ def run_loop(run: Run) -> RunResult:
                 meter.step_times.append(time.perf_counter() - t_step)
                 if step == first:
                     _report_start(logger, meter.step_times[-1])
-                    if run.keep_grads:
+                    if run.cudagraphs:
                         _warn_if_cuda_graphs_skipped()
                 _log_step(run, meter, out)
                 if state.step == 1:
@@ -276,9 +276,9 @@ def _report_start(logger: Any, step_s: float) -> None:
 
 
 def _warn_if_cuda_graphs_skipped() -> None:
-    """The layers were compiled with CUDA graphs (model.compile: cudagraphs, or "auto" for short QLoRA micro-batches);
-    where torch runs a compiled layer without them (a CPU tensor inside, a shape it cannot record) it only logs, and
-    torch's logs show with --debug alone."""
+    """The layers were compiled with CUDA graphs (model.compile: cudagraphs, or "auto" for short LoRA and QLoRA
+    micro-batches); where torch runs a compiled layer without them (a CPU tensor inside, a shape it cannot record)
+    it only logs, and torch's logs show with --debug alone."""
     from torch._dynamo.utils import counters
 
     skips = counters["inductor"].get("cudagraph_skips", 0)

@@ -6,7 +6,9 @@ projection for prompt and padding tokens. The function returns the *sum* of toke
 so gradient accumulation can weight every token in the accumulated batch equally.
 
 `LossModule` holds the model and the loss function: it is what DDP wraps and what FSDP shards as its root, so
-the decoder and the head run inside the root's forward, where a sharded run has gathered their parameters.
+the decoder and the head run inside the root's forward, where a sharded run has gathered their parameters. Under
+CUDA graphs with flex attention it also builds the attention mask (model/block_mask.py), in tensors that keep
+their addresses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.encode import IGNORE
+from tunelab.model.block_mask import StaticBlockMask
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -28,12 +31,15 @@ _PLAIN_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 class LossModule(torch.nn.Module):
     """Model + loss in one module: one forward pass that DDP and FSDP see whole."""
 
-    def __init__(self, model: Any, loss_fn: LossFn):
+    def __init__(self, model: Any, loss_fn: LossFn, block_mask: Callable[[torch.Tensor], Any] | None = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.block_mask = block_mask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.block_mask is not None:
+            batch = {**batch, "attention_mask": self.block_mask(batch["position_ids"])}
         return self.loss_fn(self.model, batch)
 
 
@@ -54,14 +60,15 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     labels = batch["labels"]
     parts = split_decoder_and_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=batch.get("attention_mask"), use_cache=False).logits
         flat = labels.reshape(-1)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE,
                                reduction="sum")
         return loss, (flat != IGNORE).sum()
     decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).last_hidden_state
+                     attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
     h, targets = _target_hidden(hidden, batch)
     logits = head(h).float()
     return F.cross_entropy(logits, targets, reduction="sum"), targets.new_tensor(targets.numel())
@@ -84,7 +91,7 @@ def liger_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
         return causal_lm_loss(model, batch)
     decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).last_hidden_state
+                     attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
     h, targets = _target_hidden(hidden, batch)
     loss = liger_fused_linear_cross_entropy(h, head.weight, targets, head.bias, ignore_index=IGNORE,
                                             reduction="sum", chunk_mem_const=_chunk_budget(h, head.weight))
@@ -104,3 +111,9 @@ def choose_loss(use_liger: bool, device: torch.device) -> LossFn:
     if use_liger and device.type == "cuda":
         return liger_causal_lm_loss
     return causal_lm_loss
+
+
+def loss_module_for(model: Any, plan: Any, device: torch.device) -> LossModule:
+    """The loss module a speed plan (model.kernels.SpeedPlan) asks for: Liger's fused loss where planned, and
+    tunelab's own block mask where CUDA graphs replay flex attention."""
+    return LossModule(model, choose_loss(plan.liger_loss, device), StaticBlockMask() if plan.static_mask else None)

@@ -49,7 +49,7 @@ from tunelab.model.nf4 import auto_plan, load_torchao_nf4
 from tunelab.train import checkpoint as ckpt_io
 from tunelab.train import named_state, parallel, resume, rng
 from tunelab.train.log import RunLogger
-from tunelab.train.loss import LossModule, choose_loss
+from tunelab.train.loss import loss_module_for
 from tunelab.train.optim import build_optimizer, keep_gradients, warmup_steps
 from tunelab.train.parallel import Parallel
 
@@ -84,7 +84,11 @@ class Run:
     full: bool  # full fine-tuning (else adapters)
     flops: FlopCounter  # model FLOPs per token, for the MFU in the log
     peak_flops: float | None  # the device's peak bf16 rate (None on CPU: no MFU)
-    keep_grads: bool = False  # gradients stay allocated between steps (CUDA graphs: optim.keep_gradients)
+    cudagraphs: bool = False  # the compiled layers replay CUDA graphs
+    # gradients stay allocated between steps (CUDA graphs with several micro-batches per step: optim.keep_gradients;
+    # with one, the step's gradients are read before the next replay, and leaving them in the graphs' memory keeps
+    # the peak lower: 7B QLoRA, BENCHMARKS.md)
+    keep_grads: bool = False
     # every micro-batch padded to this many tokens (None: to its longest row). CUDA graphs replay one recorded
     # shape; a new width per micro-batch recorded new graphs every step, 2.7x slower than none (BENCHMARKS.md (l)).
     # Rows per micro-batch still vary where an epoch's last step is short or a process gets a stand-in micro-batch
@@ -129,7 +133,7 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
 
     built = _build_model(cfg, par, model_path, dtype, logger)
     model, full = built.model, built.full
-    loss_module = parallel.wrap(par, LossModule(model, choose_loss(built.speed.liger_loss, par.device)), model,
+    loss_module = parallel.wrap(par, loss_module_for(model, built.speed, par.device), model,
                                 dtype, built.filled_on_rank0)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: the sharded parameters
 
@@ -153,7 +157,8 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
     autocast = torch.autocast(par.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     run = Run(cfg, par, folder, config_yaml, resume_hint, tokenizer, rows, model, loss_module, params, optimizer,
               scaler, autocast, state, steps_per_epoch, rows_per_step, chat, full, built.flops,
-              peak_flops(par.device), keep_grads=built.speed.cudagraphs,
+              peak_flops(par.device), cudagraphs=built.speed.cudagraphs,
+              keep_grads=built.speed.cudagraphs and cfg.train.accumulative_counts > 1,
               row_width=cfg.data.max_length if built.speed.cudagraphs else None)
     if folder.resume_from is not None:
         _resume(run, folder.resume_from, resume_force)
