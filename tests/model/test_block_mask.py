@@ -30,6 +30,9 @@ def test_only_plain_causal_models_take_the_fixed_mask() -> None:
     assert supports_static_mask(Qwen2Config(use_sliding_window=False))
     assert not supports_static_mask(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1,
                                                 num_hidden_layers=2))
+    from transformers import Gemma3Config  # multimodal: the sliding window sits in the text model's config
+
+    assert not supports_static_mask(Gemma3Config())
 
 
 def test_the_mask_is_refilled_in_place_and_gives_the_losses_of_transformers_own_mask(tmp_path: Path) -> None:
@@ -41,9 +44,12 @@ def test_the_mask_is_refilled_in_place_and_gives_the_losses_of_transformers_own_
         ids = rng.integers(4, 64, sum(lengths))
         return ids, np.concatenate([ids[1:], [-100]]), np.array(lengths)
 
-    # two micro-batches of the same width (256) whose documents differ; the second row of each is padded
+    # micro-batches of one width (256) whose documents differ, the second row of each padded; the third holds
+    # fewer rows (an epoch's last micro-batch), then a full one again
     batches = [collate([row([100, 60, 96]), row([200, 50])], 0, pad_to=256),
-               collate([row([30, 200, 26]), row([7, 9, 11, 220])], 0, pad_to=256)]
+               collate([row([30, 200, 26]), row([7, 9, 11, 220])], 0, pad_to=256),
+               collate([row([128, 128])], 0, pad_to=256),
+               collate([row([256]), row([1, 255])], 0, pad_to=256)]
     with torch.no_grad():
         model.set_attn_implementation("sdpa")  # transformers builds its packed mask from the position ids
         expected = [float(causal_lm_loss(model, b)[0]) for b in batches]
@@ -53,12 +59,13 @@ def test_the_mask_is_refilled_in_place_and_gives_the_losses_of_transformers_own_
         got, tables = [], []
         for b in batches:
             got.append(float(module(b)[0]))
-            tables.append([(name, t.data_ptr()) for name, t in vars(mask.mask).items()
-                           if isinstance(t, torch.Tensor)] + [("docs", mask.docs.data_ptr())])
+            docs, block_mask = mask.masks[(len(b["input_ids"]), 256, "cpu")]
+            tables.append([(name, t.data_ptr()) for name, t in vars(block_mask).items()
+                           if isinstance(t, torch.Tensor)] + [("docs", docs.data_ptr())])
     assert got == pytest.approx(expected, rel=1e-5)
     assert expected[0] != pytest.approx(expected[1], rel=1e-3)
-    # the same tensors (block tables and the document ids the mask function reads), holding the second
-    # micro-batch's documents
-    assert len(tables[0]) > 4 and tables[0] == tables[1]
-    assert torch.equal(mask.docs, document_ids(batches[1]["position_ids"]))
-
+    # the same tensors for each shape (block tables and the document ids the mask function reads), holding the
+    # last micro-batch's documents
+    assert len(tables[0]) > 4 and tables[0] == tables[1] == tables[3] != tables[2]
+    assert len(mask.masks) == 2
+    assert torch.equal(mask.masks[(2, 256, "cpu")][0], document_ids(batches[3]["position_ids"]))

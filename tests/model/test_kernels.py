@@ -16,6 +16,7 @@ from tunelab.model.adapters import add_lora, count_parameters
 from tunelab.model.kernels import (
     CUDAGRAPHS_MAX_TOKENS,
     FLEX_MAX_ROW,
+    QLORA_MEMORY_BUDGET,
     activation_bytes,
     choose_attention,
     choose_checkpointing,
@@ -119,13 +120,14 @@ def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_in_one_pr
     assert not graphs(attn_implementation="flex_attention", on=windowed) and graphs(on=windowed)
     assert not graphs(compile=False) and not graphs(compile=True)
     assert not choose_cudagraphs(ModelSettings(path="x", quantization="nf4"), model, CPU, 1024, free)
-    # QLoRA keeps each layer's input (the compiler recomputes the rest, QLORA_MEMORY_BUDGET 0); LoRA keeps all its
-    # activations; either must fit in 60% of free memory
+    # QLoRA keeps each layer's input and QLORA_MEMORY_BUDGET of the rest (the compiler recomputes it); LoRA keeps
+    # all its activations; either must fit in 60% of free memory
     inputs, everything = 32 * 4 * 1024 * 8, 4.0 * (32 + 64) * 4 * 1024 * 8
     assert activation_bytes(model, 1024) == everything
     assert kept_activation_bytes(model, 1024, 0.0) == inputs
     assert kept_activation_bytes(model, 1024, 0.5) == inputs + 0.5 * (everything - inputs)
-    assert graphs(free=inputs / 0.6 + 1) and not graphs(free=inputs / 0.6 - 1)
+    need = inputs + QLORA_MEMORY_BUDGET * (everything - inputs)
+    assert graphs(free=need / 0.6 + 1) and not graphs(free=need / 0.6 - 1)
     assert graphs(quantization="none", free=everything / 0.6 + 1)
     assert not graphs(quantization="none", free=everything / 0.6 - 1)
     # no decoder layers found to compile: no graphs (and so QLoRA keeps its checkpointing)
@@ -144,7 +146,7 @@ def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_flex_and_no_chec
     plan = prepare_for_training(model, settings, torch.device("cuda"), tokens_per_micro_batch=1024, free=1e9)
     assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.static_mask) == (True, True, "off", True)
     assert plan.attention == base.config._attn_implementation == "flex_attention"
-    assert torch._functorch.config.activation_memory_budget == 0.0
+    assert torch._functorch.config.activation_memory_budget == QLORA_MEMORY_BUDGET
     sharded = tiny_lora(tmp_path / "sharded")
     sharded.get_base_model().config._attn_implementation = "flex_attention"
     plan = prepare_for_training(sharded, settings, torch.device("cuda"), 1024, free=1e9, wrapped=True)
@@ -170,6 +172,31 @@ def test_cuda_graphs_keep_flex_attention_with_a_fixed_mask_or_take_sdpa(tmp_path
         assert plan.attention == base.config._attn_implementation == expected
         assert plan.describe().startswith(f"{expected}, compiled layers (CUDA graphs)")
     torch._dynamo.reset()
+
+
+def test_the_qlora_memory_budget_keeps_the_dropout_mask_of_the_forward_for_the_backward() -> None:
+    """At a budget of exactly 0 torch recomputes the random seeds in the backward: dropout would draw a new mask
+    there, and the gradient would not be that of the forward (it was not, before QLORA_MEMORY_BUDGET became 0.01).
+    With one scalar weight w, out = w * f(dropout(x)) and d(sum out)/dw = sum(out) / w only for the same mask."""
+    import torch._functorch.config as functorch_config
+
+    weight = torch.nn.Parameter(torch.tensor(1.5))
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(torch.nn.functional.dropout(x, 0.5, training=True) * 2.0 + 0.1) * weight
+
+    torch._dynamo.reset()
+    try:
+        with functorch_config.patch(activation_memory_budget=QLORA_MEMORY_BUDGET):
+            compiled = torch.compile(layer)
+            x = torch.randn(64, 256)
+            for _ in range(2):
+                weight.grad = None
+                out = compiled(x)
+                out.sum().backward()
+                assert float(weight.grad) == pytest.approx(float(out.sum() / weight), rel=1e-4)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_skipping_peft_input_cast_gives_identical_gradients_under_autocast(tmp_path: Path) -> None:

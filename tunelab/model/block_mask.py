@@ -24,22 +24,26 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 def supports_static_mask(config: Any) -> bool:
     """Only plain causal attention in every layer: a sliding window, chunked attention or mixed layer types need
-    transformers' own masks."""
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
-        return False
-    if getattr(config, "attention_chunk_size", None):
-        return False
-    types = getattr(config, "layer_types", None)
-    return not types or all(t == "full_attention" for t in types)
+    transformers' own masks. Multimodal models keep these settings in their text model's config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (config, text):
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+            return False
+        if getattr(cfg, "attention_chunk_size", None):
+            return False
+        types = getattr(cfg, "layer_types", None)
+        if types and any(t != "full_attention" for t in types):
+            return False
+    return True
 
 
 class StaticBlockMask:
-    """Call with a micro-batch's position ids (on the device): returns the same BlockMask object every time for
-    rows of one width, its tensors refilled in place."""
+    """Call with a micro-batch's position ids (on the device): returns, for each shape of micro-batch, the same
+    BlockMask object every time, its tensors refilled in place. One mask per shape: an epoch's last micro-batch may
+    hold fewer rows, and the next epoch's first full one finds its own mask (and its recorded graphs) again."""
 
     def __init__(self) -> None:
-        self.mask: Any = None
-        self.docs: torch.Tensor | None = None
+        self.masks: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
 
     def __call__(self, position_ids: torch.Tensor) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -47,23 +51,26 @@ class StaticBlockMask:
         docs = document_ids(position_ids)
         rows, width = docs.shape
         compile_mask = docs.device.type == "cuda"  # compiled, the dense mask is never materialised
-        if self.docs is None or self.docs.shape != docs.shape or self.docs.device != docs.device:
-            self.docs = docs.clone()
-            self.mask = create_block_mask(_document_causal(self.docs), rows, None, width, width,
-                                          device=docs.device, _compile=compile_mask)
-            return self.mask
-        self.docs.copy_(docs)  # the mask function reads this tensor: its address stays the same
-        fresh = create_block_mask(self.mask.mask_mod, rows, None, width, width, device=docs.device,
+        key = (rows, width, str(docs.device))
+        if key not in self.masks:
+            kept_docs = docs.clone()
+            mask = create_block_mask(_document_causal(kept_docs), rows, None, width, width, device=docs.device,
+                                     _compile=compile_mask)
+            self.masks[key] = (kept_docs, mask)
+            return mask
+        kept_docs, mask = self.masks[key]
+        kept_docs.copy_(docs)  # the mask function reads this tensor: its address stays the same
+        fresh = create_block_mask(mask.mask_mod, rows, None, width, width, device=docs.device,
                                   _compile=compile_mask)
         for name, value in vars(fresh).items():
             if not isinstance(value, torch.Tensor):
                 continue
-            kept = getattr(self.mask, name, None)
+            kept = getattr(mask, name, None)
             if not isinstance(kept, torch.Tensor) or kept.shape != value.shape:
-                self.mask = fresh  # a table came out in a new shape: new addresses, recorded once more
+                self.masks[key] = (kept_docs, fresh)  # a table in a new shape: new addresses, recorded once more
                 return fresh
             kept.copy_(value)
-        return self.mask
+        return mask
 
 
 def _document_causal(docs: torch.Tensor) -> Any:

@@ -37,11 +37,13 @@ from tunelab.model.block_mask import supports_static_mask
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
 # QLoRA with compiled layers and no checkpointing (CUDA graphs, or gradient_checkpointing: false): let the compiler
-# recompute activations down to this share of what it would save beyond each layer's input (0: the input alone,
-# as checkpointing keeps). 7B QLoRA 1x2048 under CUDA graphs on an H100 (BENCHMARKS.md): with the gradients kept
-# allocated, 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 -> 7.85; without (one micro-batch per step), 0.1 -> 7.13 GiB at
-# 10,869 tok/s and 0 -> 6.68 GiB at 10,544 (the peer: 7.10 GiB at 4,285-4,779). QLoRA is about memory.
-QLORA_MEMORY_BUDGET = 0.0
+# recompute activations down to this share of what it would save beyond each layer's input. 7B QLoRA 1x2048 under
+# CUDA graphs on an H100 (BENCHMARKS.md): with the gradients kept allocated, 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 ->
+# 7.85; without (one micro-batch per step), 0.1 -> 7.13 GiB at 10,869 tok/s and 0 -> 6.68 GiB at 10,544 (the peer:
+# 7.10 GiB at 4,285-4,779). Not 0 itself: at exactly 0 torch's partitioner keeps the inputs alone and recomputes
+# the random seeds too, so LoRA dropout's backward would use a new mask (tests/model/test_kernels.py); any budget
+# above 0 goes through its min-cut, which keeps random ops out of the recompute. QLoRA is about memory.
+QLORA_MEMORY_BUDGET = 0.01
 # "auto" takes CUDA graphs for LoRA and NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (through
 # `tunelab train` on an H100, BENCHMARKS.md: tutorial QLoRA 1x1024, 21.5k tok/s against 4.0k with checkpointing;
 # 1.8B LoRA 1x4096, GPU busy 68% of the step without graphs, 52.7k tok/s with them against 44.2k).
@@ -113,7 +115,7 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     plan.checkpointing = "off" if graphs and settings.compile == "auto" else \
         choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
     if graphs and plan.attention == "flex_attention":
-        if supports_static_mask(base.config):
+        if supports_static_mask(base.config) and decoder_layers(base):
             plan.static_mask = True  # the loss module builds it (train/loss.py)
         elif settings.attn_implementation == "auto":
             _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in
@@ -210,7 +212,7 @@ def activation_bytes(model: Any, tokens: int) -> float:
 
 def kept_activation_bytes(model: Any, tokens: int, budget: float) -> float:
     """What compiled layers keep when the compiler recomputes down to `budget` (0..1): each layer's input, and
-    that share of the rest of activation_bytes."""
+    that share of the rest of activation_bytes. A lower bound: one layer's recompute works in memory of its own."""
     cfg = model.config
     elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
     inputs = getattr(cfg, "hidden_size", 0) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
