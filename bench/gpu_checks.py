@@ -10,7 +10,9 @@
   offload           checkpointing with CPU-offloaded layer inputs and the tiled MLP against plain checkpointing
                     on one 32k-token document;
   cudagraphs_accumulation  NF4 QLoRA with CUDA graphs, 4 micro-batches accumulated into one step's gradients
-                    (kept allocated: optim.keep_gradients), against the same 4 in eager mode.
+                    (kept allocated: optim.keep_gradients), against the same 4 in eager mode;
+  dropout_graphs    dropout in a layer under CUDA graphs at QLoRA's compiler memory budget: the backward uses the
+                    forward's mask, and each replay draws a new one.
 --generate TOKENIZER_DIR: a 1.8B LoRA model being trained with the GPU defaults answers 2 evaluation questions of
   128 new tokens through kernels.generation_mode (SDPA, eager layers, LoRA merged), twice: the first evaluation
   of a run, then a later one.
@@ -136,6 +138,36 @@ def check(root: Path):
         del model
     yield check_offload(root)
     yield check_cudagraphs_accumulation(root)
+    yield check_dropout_graphs()
+
+
+def check_dropout_graphs() -> dict:
+    """Dropout inside a layer compiled with CUDA graphs at QLoRA's compiler memory budget: the backward must use the
+    forward's mask. With one scalar weight w, out = w * f(dropout(x)) and d(sum out)/dw = sum(out) / w only for the
+    same mask; 4 calls (warm-up, recording, replays), each drawing a new mask."""
+    import torch._functorch.config as functorch_config
+
+    weight = torch.nn.Parameter(torch.tensor(1.5, device=CUDA))
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(torch.nn.functional.dropout(x, 0.5, training=True) * 2.0 + 0.1) * weight
+
+    torch._dynamo.reset()
+    diffs, sums = [], []
+    with functorch_config.patch(activation_memory_budget=kernels.QLORA_MEMORY_BUDGET):
+        compiled = torch.compile(layer, mode="reduce-overhead")
+        x = torch.randn(4096, 2048, device=CUDA)
+        for _ in range(4):
+            torch.compiler.cudagraph_mark_step_begin()
+            weight.grad = None
+            out = compiled(x)
+            total = float(out.sum())
+            out.sum().backward()
+            diffs.append(abs(float(weight.grad) - total / 1.5) / abs(total / 1.5))
+            sums.append(total)
+    torch._dynamo.reset()
+    return {"check": "dropout_graphs", "budget": kernels.QLORA_MEMORY_BUDGET, "max_rel_diff": max(diffs),
+            "masks_differ": len(set(sums)) == len(sums)}
 
 
 def check_cudagraphs_accumulation(root: Path) -> dict:
@@ -239,11 +271,13 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--generate", metavar="TOKENIZER_DIR")
     ap.add_argument("--profile", metavar="FILE", help="with --generate: cProfile the first evaluation into FILE")
-    ap.add_argument("--only", choices=["cudagraphs_accumulation"], help="with --check: this check alone")
+    ap.add_argument("--only", choices=["cudagraphs_accumulation", "dropout_graphs"],
+                    help="with --check: this check alone")
     args = ap.parse_args()
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
-    checks = (check_cudagraphs_accumulation(root) for _ in [1]) if args.only else check(root)  # runs when read
+    only = {"cudagraphs_accumulation": lambda: check_cudagraphs_accumulation(root), "dropout_graphs": check_dropout_graphs}
+    checks = (only[args.only]() for _ in [1]) if args.only else check(root)  # runs when read
     runs = ([checks] if args.check else []) + ([generate(root, args.generate, args.profile)] if args.generate else [])
     for run in runs:
         try:
