@@ -15,11 +15,15 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 HERE = Path(__file__).resolve().parent
 # Decoding shows one of these for a character whose bytes the token limit cut in two: an answer never ends in it.
 BROKEN = "\ufffd"
+# Attention kernels for decoding: not cuDNN's, which builds a plan for every new key length, i.e. for every token
+# of a first answer on a GPU (tunelab's BENCHMARKS.md: 2 x 128 tokens of a 1.8B model, 9.1 s with it, 3.0 s without).
+DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ChatApp:
@@ -95,7 +99,7 @@ class ChatApp:
 
         def run():
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), sdpa_kernel(DECODING_ATTENTION):
                     self.model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), streamer=streamer, **kw)
             finally:
                 streamer.end()
