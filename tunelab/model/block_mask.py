@@ -4,8 +4,8 @@ transformers builds a new BlockMask for every forward, in tensors at new address
 graphs take those tensors as inputs whose addresses are part of the recording, so every new set of addresses
 records the graphs again (BENCHMARKS.md, note (l)): with flex attention, CUDA graphs never replayed through
 `tunelab train`. `StaticBlockMask` copies each micro-batch's document ids and block tables into the tensors of
-one BlockMask object, built once per row width, and the model receives that object as a prepared mask (which
-transformers passes through unchanged). The mask is the one transformers builds from packed position ids:
+one BlockMask object, built once per shape of micro-batch, and the model receives that object as a prepared
+mask (which transformers passes through unchanged). The mask is the one transformers builds from packed position ids:
 causal, and a token sees only its own document (a document starts wherever the position does not go up by one).
 """
 

@@ -179,8 +179,8 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: one unsharded process
     on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
     up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
-    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA,
-    QLORA_MEMORY_BUDGET of all) well inside free memory. Sharded or several-process runs keep plain compiled
+    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA, each layer's
+    input and QLORA_MEMORY_BUDGET of the rest) well inside free memory. Sharded or several-process runs keep plain compiled
     layers: graphs under DDP's and FSDP's hooks have not been measured, nor full fine-tuning, DoRA, int8 or
     torchao's NF4 weights."""
     if settings.compile == "cudagraphs":
