@@ -12,6 +12,7 @@ A case runs with tunelab's defaults unless a variant follows its name, e.g.
 keys: ckpt=auto|on|off|offload  compile=auto|on|off|cudagraphs  liger=auto|on|off  attn=auto|sdpa|flex_attention
       budget=F (compiled layers: activation memory budget, 0..1)  rows=N (rows per step instead of the case's)
       mb=N (rows per micro-batch; the step is always the case's rows)  cast=on (keep peft's input cast)
+      dropout=F (LoRA dropout; the peer's cases use 0, the XTuner configs 0.1)
       prof=1 (print the profiler's top kernels for two steps)  prof=trace (one step's Chrome trace, gzipped, into
       $OUT or /tmp, for bench/trace_gaps.py)
       data=cli (train on the rows `tunelab train` makes of bench/scaling.py's documents, packed by tunelab's data
@@ -96,7 +97,8 @@ def parse_variant(text: str) -> dict[str, str]:
 
 def settings_for(method: str, var: dict[str, str], max_length: int) -> tuple[ModelSettings, str]:
     s = ModelSettings(path="bench", quantization="nf4" if method == "qlora" else "none",
-                      lora=None if method == "full" else LoraSettings(r=64, alpha=16, dropout=0.0,
+                      lora=None if method == "full" else LoraSettings(r=64, alpha=16,
+                                                                      dropout=float(var.get("dropout", 0.0)),
                                                                       target_modules=TARGETS),
                       gradient_checkpointing=ON_OFF[var.get("ckpt", "auto")],
                       use_liger=ON_OFF[var.get("liger", "auto")], compile=ON_OFF[var.get("compile", "auto")],

@@ -10,9 +10,9 @@ Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMAR
   ~/.cache/tunelab so a second run starts fast;
 - CUDA graphs on top for LoRA and QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are
   many short kernels launched one by one (the low-rank matmuls of every layer; 4-bit dequantisation): no
-  activation checkpointing there (graphs cannot replay it; QLoRA's compiled layers recompute inside instead), and
-  flex attention's block mask kept in the same tensors from one micro-batch to the next (model/block_mask.py;
-  where a model's mask is not plain causal, SDPA, whose mask the graphs copy in);
+  activation checkpointing there (graphs cannot replay it; QLoRA's compiled layers recompute inside instead where
+  LoRA has no dropout), and flex attention's block mask kept in the same tensors from one micro-batch to the next
+  (model/block_mask.py; where a model's mask is not plain causal, SDPA, whose mask the graphs copy in);
 - activation checkpointing only where needed: for the other QLoRA runs (their point is memory), else when the
   estimated activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP
   runs in tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
@@ -40,10 +40,10 @@ FLEX_MAX_ROW = 32768
 # recompute activations down to this share of what it would save beyond each layer's input. 7B QLoRA 1x2048 under
 # CUDA graphs on an H100 (BENCHMARKS.md): with the gradients kept allocated, 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 ->
 # 7.85; without (one micro-batch per step), 0.1 -> 7.13 GiB at 10,869 tok/s and 0 -> 6.68 GiB at 10,544 (the peer:
-# 7.10 GiB at 4,285-4,779). Not 0 itself: at exactly 0 torch's partitioner keeps the inputs alone and recomputes
-# the random seeds too, so LoRA dropout's backward would use a new mask (tests/model/test_kernels.py); any budget
-# above 0 goes through its min-cut, which keeps random ops out of the recompute. QLoRA is about memory.
-QLORA_MEMORY_BUDGET = 0.01
+# 7.10 GiB at 4,285-4,779). QLoRA is about memory. Only without LoRA dropout: below 1, torch's partitioner may
+# recompute Inductor's random seeds in the backward (it does at 0 and 0.01 for a LoRA layer), and dropout's
+# backward would then use another mask than its forward (tests/model/test_kernels.py).
+QLORA_MEMORY_BUDGET = 0.0
 # "auto" takes CUDA graphs for LoRA and NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (through
 # `tunelab train` on an H100, BENCHMARKS.md: tutorial QLoRA 1x1024, 21.5k tok/s against 4.0k with checkpointing;
 # 1.8B LoRA 1x4096, GPU busy 68% of the step without graphs, 52.7k tok/s with them against 44.2k).
@@ -155,7 +155,8 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         tile_mlps([layer.mlp for layer in layers if hasattr(layer, "mlp")])
     skip_lora_input_cast(model)
     if want_compile and layers:
-        if memory_budget is None and settings.quantization != "none" and plan.checkpointing == "off":
+        if memory_budget is None and settings.quantization != "none" and plan.checkpointing == "off" \
+                and not lora_dropout(settings):
             memory_budget = QLORA_MEMORY_BUDGET  # QLoRA is about memory: recompute inside the compiled layers
         if memory_budget is not None:  # a process-wide setting, read when the layers are first compiled
             torch._functorch.config.activation_memory_budget = memory_budget
@@ -179,10 +180,10 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: one unsharded process
     on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
     up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
-    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA, each layer's
-    input and QLORA_MEMORY_BUDGET of the rest) well inside free memory. Sharded or several-process runs keep plain compiled
-    layers: graphs under DDP's and FSDP's hooks have not been measured, nor full fine-tuning, DoRA, int8 or
-    torchao's NF4 weights."""
+    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA without dropout,
+    each layer's input and QLORA_MEMORY_BUDGET of the rest; else all) well inside free memory. Sharded or
+    several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured,
+    nor full fine-tuning, DoRA, int8 or torchao's NF4 weights."""
     if settings.compile == "cudagraphs":
         return True
     if settings.compile != "auto" or device.type != "cuda" or wrapped:
@@ -196,9 +197,13 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
         return False
     if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
-    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" else 1.0
+    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" and not lora_dropout(settings) else 1.0
     need = kept_activation_bytes(model, tokens, budget)
     return bool(need and decoder_layers(base)) and need <= 0.6 * free
+
+
+def lora_dropout(settings: Any) -> float:
+    return settings.lora.dropout if settings.lora is not None else 0.0
 
 
 def activation_bytes(model: Any, tokens: int) -> float:
