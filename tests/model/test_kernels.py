@@ -210,24 +210,33 @@ def dropout_follows_the_forward(budget: float) -> bool:
         torch._dynamo.reset()
 
 
-def test_qlora_with_lora_dropout_leaves_the_compiler_budget_alone(tmp_path: Path) -> None:
+def test_runs_with_dropout_keep_the_compiler_budget_at_one(tmp_path: Path, capsys) -> None:
     """At a budget below 1 torch's partitioner may recompute Inductor's random seeds in the backward (it does at 0
-    and 0.01 for a LoRA layer: dropout_follows_the_forward is False there), so dropout's backward would use another
-    mask. QLoRA lowers the budget only where LoRA has no dropout; with dropout (0.1 by default) the budget stays at
-    torch's 1, where the layer's gradient follows the forward."""
+    and 0.01 for a LoRA layer), so dropout's backward would use another mask. QLoRA lowers the budget only where
+    nothing draws a random mask (LoRA dropout, 0.1 by default, or the model's own dropout); otherwise the budget is
+    set to torch's 1, whatever an earlier run in the process left, and an explicit lower one is refused with a
+    warning. At the budget a dropout run gets, a compiled LoRA layer's gradient follows its forward's mask."""
     import torch._functorch.config as functorch_config
 
-    budgets = {}
-    for dropout in (0.1, 0.0):
-        model = tiny_lora(tmp_path / str(dropout))
+    def budget_after(dropout: float, explicit: float | None = None, model_dropout: float = 0.0) -> float:
+        model = tiny_lora(tmp_path / f"{dropout}_{explicit}_{model_dropout}")
+        model.get_base_model().config.attention_dropout = model_dropout
         settings = ModelSettings(path="x", quantization="nf4", use_liger=False, lora=LoraSettings(dropout=dropout))
-        with functorch_config.patch(activation_memory_budget=1.0):
-            plan = prepare_for_training(model, settings, torch.device("cuda"), 1024, free=1e9)  # a plan only
-            budgets[dropout] = functorch_config.activation_memory_budget
-        assert plan.cudagraphs and plan.checkpointing == "off"
+        with functorch_config.patch(activation_memory_budget=0.0):  # as an earlier QLoRA run would leave it
+            plan = prepare_for_training(model, settings, torch.device("cuda"), 1024, free=1e9,  # a plan only
+                                        memory_budget=explicit)
+            assert plan.cudagraphs and plan.checkpointing == "off"
+            return functorch_config.activation_memory_budget
+
+    assert budget_after(0.1) == 1.0
+    assert budget_after(0.0) == QLORA_MEMORY_BUDGET
+    assert budget_after(0.0, model_dropout=0.1) == 1.0
+    assert budget_after(0.1, explicit=0.2) == 1.0
+    assert "compiler memory budget 0.2 ignored: the model trains with dropout" in capsys.readouterr().err
+    assert budget_after(0.0, explicit=0.2) == 0.2
     torch._dynamo.reset()
-    assert budgets == {0.1: 1.0, 0.0: QLORA_MEMORY_BUDGET}
-    assert dropout_follows_the_forward(budgets[0.1])
+    assert dropout_follows_the_forward(1.0)
+    assert not dropout_follows_the_forward(0.0)  # the check sees a redrawn mask
 
 
 def test_skipping_peft_input_cast_gives_identical_gradients_under_autocast(tmp_path: Path) -> None:

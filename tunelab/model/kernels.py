@@ -121,9 +121,9 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
             _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in
             plan.attention = "sdpa"
     if settings.compile == "cudagraphs" and plan.checkpointing != "off":  # only "auto" gets here (config/schema.py)
-        # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA recomputes inside the compiled layers
-        # instead (the memory budget below); other runs may not fit without checkpointing: say so.
-        if settings.quantization == "none":
+        # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA without dropout recomputes inside the
+        # compiled layers instead (the memory budget below); other runs may not fit without checkpointing: say so.
+        if settings.quantization == "none" or has_dropout(settings, base):
             from tunelab import ui
 
             ui.warn("cudagraphs_memory", "model.compile: cudagraphs runs without activation checkpointing, which "
@@ -155,11 +155,19 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         tile_mlps([layer.mlp for layer in layers if hasattr(layer, "mlp")])
     skip_lora_input_cast(model)
     if want_compile and layers:
-        if memory_budget is None and settings.quantization != "none" and plan.checkpointing == "off" \
-                and not lora_dropout(settings):
-            memory_budget = QLORA_MEMORY_BUDGET  # QLoRA is about memory: recompute inside the compiled layers
-        if memory_budget is not None:  # a process-wide setting, read when the layers are first compiled
-            torch._functorch.config.activation_memory_budget = memory_budget
+        if has_dropout(settings, base):  # below 1 the backward may redraw dropout's mask (QLORA_MEMORY_BUDGET)
+            if memory_budget is not None and memory_budget < 1:
+                from tunelab import ui
+
+                ui.warn("budget_dropout", f"compiler memory budget {memory_budget} ignored: the model trains "
+                                          "with dropout, whose mask a recompute would draw anew")
+            memory_budget = 1.0
+        elif memory_budget is None:  # QLoRA is about memory: recompute inside the compiled layers
+            quantized_no_ckpt = settings.quantization != "none" and plan.checkpointing == "off"
+            memory_budget = QLORA_MEMORY_BUDGET if quantized_no_ckpt else 1.0
+        # a process-wide setting, read when the layers are first compiled: set for every run, so that one run's
+        # value never carries over to the next in the same process
+        torch._functorch.config.activation_memory_budget = memory_budget
         plan.cudagraphs = want_compile == "cudagraphs"
         compile_layers(layers, mode="reduce-overhead" if plan.cudagraphs else None)
         if plan.cudagraphs:
@@ -197,13 +205,20 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
         return False
     if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
-    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" and not lora_dropout(settings) else 1.0
+    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" and not has_dropout(settings, base) else 1.0
     need = kept_activation_bytes(model, tokens, budget)
     return bool(need and decoder_layers(base)) and need <= 0.6 * free
 
 
-def lora_dropout(settings: Any) -> float:
-    return settings.lora.dropout if settings.lora is not None else 0.0
+# Dropout settings of model configs that act in training mode (transformers' names).
+_MODEL_DROPOUTS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop")
+
+
+def has_dropout(settings: Any, base: Any) -> bool:
+    """Whether training draws random masks: LoRA dropout, or dropout in the model itself."""
+    if settings.lora is not None and settings.lora.dropout > 0:
+        return True
+    return any(float(getattr(base.config, name, 0) or 0) > 0 for name in _MODEL_DROPOUTS)
 
 
 def activation_bytes(model: Any, tokens: int) -> float:
