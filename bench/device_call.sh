@@ -286,6 +286,52 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     tl 90 qlora7b_sdpa:dropout=0.1
     tl $(( $(left) - 3 )) qlora7b_sdpa
     ;;
+  ckpt_inside)  # QLoRA under CUDA graphs checkpoints inside its compiled layers (kernels.checkpoint_inside): the
+    # GPU checks of that path and of dropout under it, then tutorial and 7B QLoRA with and without LoRA dropout
+    # beside the peer; last, the 7B with gradient_checkpointing: false (the budget-0 path, the default until now)
+    timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only qlora_compiled dropout_graphs
+    peer 60 tutorial_qlora
+    tl 70 tutorial_qlora:rows=4
+    tl 70 tutorial_qlora:rows=4,dropout=0.1
+    peer 80 qlora7b_sdpa
+    tl 90 qlora7b_sdpa:dropout=0.1
+    tl 90 qlora7b_sdpa
+    [ "$(left)" -gt 75 ] && tl $(( $(left) - 3 )) qlora7b_sdpa:ckpt=off
+    ;;
+  ckpt_memory)  # why 7B QLoRA checkpointed inside its compiled layers under CUDA graphs kept 11.1 GiB (6.7 with
+    # the compiler's budget 0): inside with SDPA, inside without graphs, HF's checkpoint around compiled layers
+    tl 100 qlora7b_sdpa:attn=sdpa
+    tl 80 qlora7b_sdpa:ckpt=inside,compile=on,budget=1
+    tl 80 qlora7b_sdpa:ckpt=inside,compile=on,budget=1,attn=sdpa
+    tl $(( $(left) - 3 )) qlora7b_sdpa:ckpt=on,compile=on
+    ;;
+  saved)  # what NF4 QLoRA's compiled layers save, checkpointed inside them or at the compiler budget 0
+    timeout $(( $(left) - 3 )) python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only saved_activations
+    ;;
+  dropout_cli)  # QLoRA with the built-in configs' LoRA dropout 0.1 (checkpointed inside the compiled layers): the 7B
+    # beside the peer, then the tutorial QLoRA through `tunelab train`
+    peer 110 qlora7b_sdpa
+    tl 100 qlora7b_sdpa:dropout=0.1
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 \
+        --variants auto:auto --lora-dropout 0.1 qlora_cudagraphs
+    ;;
+  ckpt_policy)  # checkpointing inside the compiled layers now recomputes every op (kernels.recompute_everything):
+    # the checks, what the layers save, QLoRA with the configs' dropout 0.1 beside the peer, then dropout 0
+    timeout 120 python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only dropout_graphs saved_activations
+    peer 60 tutorial_qlora
+    tl 70 tutorial_qlora:rows=4,dropout=0.1
+    peer 110 qlora7b_sdpa
+    tl 100 qlora7b_sdpa:dropout=0.1
+    [ "$(left)" -gt 70 ] && tl $(( $(left) - 3 )) qlora7b_sdpa:ckpt=inside,compile=cudagraphs,budget=1
+    ;;
+  final_inside)  # the final QLoRA default (checkpointed inside the compiled layers, every op recomputed): its GPU
+    # checks, the tutorial QLoRA through `tunelab train` with the configs' dropout 0.1 beside the peer, the 7B defaults
+    timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only qlora_compiled cudagraphs_accumulation
+    peer 60 tutorial_qlora
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 \
+        --variants auto:auto --lora-dropout 0.1 qlora_cudagraphs
+    [ "$(left)" -gt 75 ] && tl $(( $(left) - 3 )) qlora7b_sdpa
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

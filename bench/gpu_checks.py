@@ -6,18 +6,20 @@
   default_path      loss and LoRA gradients of tunelab's GPU defaults (flex attention with tunelab's block mask,
                     compiled layers under CUDA graphs, Liger's fused loss) against eager SDPA with PyTorch's
                     cross-entropy, and the packed loss against the documents alone;
-  qlora_compiled    the same for NF4 QLoRA, compiled against eager;
+  qlora_compiled    the same for NF4 QLoRA (checkpointed inside its compiled layers), compiled against eager;
   offload           checkpointing with CPU-offloaded layer inputs and the tiled MLP against plain checkpointing
                     on one 32k-token document;
-  cudagraphs_accumulation  NF4 QLoRA with CUDA graphs, 4 micro-batches accumulated into one step's gradients
+  cudagraphs_accumulation  NF4 QLoRA with CUDA graphs (checkpointed inside its compiled layers), 4 micro-batches
+                    accumulated into one step's gradients
                     (kept allocated: optim.keep_gradients), against the same 4 in eager mode;
-  dropout_graphs    dropout in a LoRA-shaped layer under CUDA graphs at the compiler budget a QLoRA run with
-                    LoRA dropout keeps: the backward uses the forward's mask, and each replay draws a new one.
+  dropout_graphs    dropout in a LoRA-shaped layer under CUDA graphs, checkpointed inside the compiled region
+                    (QLoRA's default) or not at all: the backward uses the forward's mask, and each replay draws
+                    a new one.
 --generate TOKENIZER_DIR: a 1.8B LoRA model being trained with the GPU defaults answers 2 evaluation questions of
   128 new tokens through kernels.generation_mode (SDPA, eager layers, LoRA merged), twice: the first evaluation
   of a run, then a later one.
 
-usage: python bench/gpu_checks.py [--models DIR] [--out FILE] [--check [--only NAME]] [--generate TOKENIZER_DIR]
+usage: python bench/gpu_checks.py [--models DIR] [--out FILE] [--check [--only NAME...]] [--generate TOKENIZER_DIR]
 """
 
 from __future__ import annotations
@@ -102,7 +104,6 @@ def check(root: Path):
     """Yields one result per check."""
     gen = torch.Generator().manual_seed(1)
     rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
-    other = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
     # packed attention under each backend (no adapters, no compile)
     model = load_model(str(small_folder(root)), dtype=torch.bfloat16, device=CUDA, attn_implementation="sdpa")
     res = {"check": "packed_attention"}
@@ -116,7 +117,20 @@ def check(root: Path):
                               for a in ("sdpa", "flex_attention", "eager"))
     yield res
     del model
-    for name, quant in (("default_path", "none"), ("qlora_compiled", "nf4")):
+    yield from compiled_paths(root, ("default_path", "qlora_compiled"))
+    yield check_offload(root)
+    yield check_cudagraphs_accumulation(root)
+    yield check_dropout_graphs(inside=True)
+    yield check_dropout_graphs(inside=False)
+
+
+def compiled_paths(root: Path, names: tuple[str, ...]):
+    """default_path (LoRA) and qlora_compiled (NF4 QLoRA, checkpointed inside the compiled layers) against eager."""
+    gen = torch.Generator().manual_seed(1)
+    rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    other = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    for name in names:
+        quant = {"default_path": "none", "qlora_compiled": "nf4"}[name]
         eager = ModelSettings(path="x", quantization=quant, gradient_checkpointing=False, compile=False,
                               use_liger=False)
         ref_model, _ = lora_model(root, eager, "sdpa", 4096)
@@ -136,17 +150,16 @@ def check(root: Path):
                "loss_rel_diff": abs(loss - ref_loss) / ref_loss,
                "packed_vs_alone_rel_diff": abs(loss - alone) / alone, "grad_rel_diff": rel(grads, ref)}
         del model
-    yield check_offload(root)
-    yield check_cudagraphs_accumulation(root)
-    yield check_dropout_graphs()
 
 
-def check_dropout_graphs() -> dict:
-    """A LoRA-shaped layer with dropout under CUDA graphs, at the compiler budget a QLoRA run with LoRA dropout keeps
-    (torch's 1: kernels.prepare_for_training lowers it only without dropout): the backward must use the forward's
-    mask, and each replay must draw a new one. With one scalar weight w, out = w * f(...) and d(sum out)/dw =
-    sum(out) / w only for the same mask; 4 calls (warm-up, recording, replays)."""
+def check_dropout_graphs(inside: bool) -> dict:
+    """A LoRA-shaped layer with dropout under CUDA graphs, as a QLoRA run with LoRA dropout compiles it: checkpointed
+    inside the compiled region (`inside`, kernels.checkpoint_inside: the compiler saves the masks' random state and
+    recomputes the rest), or not at all at torch's budget 1 (gradient_checkpointing: false). The backward must use
+    the forward's mask, and each replay must draw a new one. With one scalar weight w, out = w * f(...) and
+    d(sum out)/dw = sum(out) / w only for the same mask; 4 calls (warm-up, recording, replays)."""
     import torch._functorch.config as functorch_config
+    from torch.utils.checkpoint import checkpoint
 
     gen = torch.Generator(device=CUDA).manual_seed(0)
     frozen = torch.randn(2048, 8192, device=CUDA, generator=gen) / 45
@@ -158,22 +171,64 @@ def check_dropout_graphs() -> dict:
         h = x @ frozen + (torch.nn.functional.dropout(x, 0.1, training=True) @ a) @ b
         return torch.sin(h * 2.0 + 0.1) * w
 
+    def checkpointed(x: torch.Tensor) -> torch.Tensor:  # as kernels.checkpoint_inside does
+        return checkpoint(layer, x, use_reentrant=False, context_fn=kernels.recompute_everything)
+
     torch._dynamo.reset()
     diffs, sums = [], []
     with functorch_config.patch(activation_memory_budget=1.0):
-        compiled = torch.compile(layer, mode="reduce-overhead")
-        x = torch.randn(4096, 2048, device=CUDA, generator=gen)
+        compiled = torch.compile(checkpointed if inside else layer, mode="reduce-overhead")
+        x = torch.randn(4096, 2048, device=CUDA, generator=gen, requires_grad=inside)
         for _ in range(4):
             torch.compiler.cudagraph_mark_step_begin()
-            w.grad = None
+            for p in (a, b, w, x):
+                p.grad = None  # each is an output of the recorded backward, overwritten by the next replay
             out = compiled(x)
             total = float(out.detach().sum())
             out.sum().backward()
             diffs.append(abs(float(w.grad) - total / 1.5) / abs(total / 1.5))
             sums.append(total)
     torch._dynamo.reset()
-    return {"check": "dropout_graphs", "budget": 1.0, "max_rel_diff": max(diffs),
-            "masks_differ": len(set(sums)) == len(sums)}
+    return {"check": "dropout_graphs", "checkpointing": "inside the compiled region" if inside else "off",
+            "budget": 1.0, "max_rel_diff": max(diffs), "masks_differ": len(set(sums)) == len(sums)}
+
+
+def saved_activations(root: Path):
+    """What NF4 QLoRA's compiled layers save for the backward (2 layers of the 1.8B shape, one 4096-token row, no
+    CUDA graphs): checkpointed inside the compiled layers, or not at all at the compiler budget 0. Per variant, the
+    saved tensors that are not parameters, grouped by shape and dtype, largest total first."""
+    import torch._functorch.config as functorch_config
+
+    gen = torch.Generator().manual_seed(1)
+    rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    plain = ModelSettings(path="x", quantization="nf4", gradient_checkpointing=False, compile=False, use_liger=False)
+    for variant, budget in (("inside", 1.0), ("budget0", 0.0)):
+        torch._dynamo.reset()
+        model, _ = lora_model(root, plain, "sdpa", 4096)
+        layers = kernels.decoder_layers(model.get_base_model())
+        if variant == "inside":
+            kernels.checkpoint_inside(layers)
+        functorch_config.activation_memory_budget = budget
+        kernels.compile_layers(layers)
+        params = {p.data_ptr() for p in model.parameters()}
+        for _ in range(2):
+            groups: dict[str, list[int]] = {}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                if t.data_ptr() not in params and t.device.type == "cuda":
+                    g = groups.setdefault(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}", [0, 0])
+                    g[0] += 1
+                    g[1] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss, _ = loss_and_grads(model, causal_lm_loss, rows)
+        top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:12]
+        yield {"check": "saved_activations", "variant": variant, "total_mib": round(sum(g[1] for g in groups.values())
+                                                                                     / 2**20, 1),
+               "top": [[k, n, round(b / 2**20, 1)] for k, (n, b) in top]}
+        functorch_config.activation_memory_budget = 1.0
+        del model
 
 
 def check_cudagraphs_accumulation(root: Path) -> dict:
@@ -204,8 +259,7 @@ def check_cudagraphs_accumulation(root: Path) -> dict:
     ref_loss, ref = accumulate(ref_model, causal_lm_loss, keep=False)
     del ref_model
     torch._dynamo.reset()
-    graphs = ModelSettings(path="x", quantization="nf4", gradient_checkpointing=False, compile="cudagraphs",
-                           use_liger=False)
+    graphs = ModelSettings(path="x", quantization="nf4", compile="cudagraphs", use_liger=False)  # checkpointed inside
     model, plan = lora_model(root, graphs, "sdpa", 1024)
     runs = [accumulate(model, causal_lm_loss, keep=True) for _ in range(3)]  # recordings, then replays
     loss, grads = runs[-1]
@@ -277,13 +331,24 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--generate", metavar="TOKENIZER_DIR")
     ap.add_argument("--profile", metavar="FILE", help="with --generate: cProfile the first evaluation into FILE")
-    ap.add_argument("--only", choices=["cudagraphs_accumulation", "dropout_graphs"],
-                    help="with --check: this check alone")
+    ap.add_argument("--only", nargs="+", choices=["default_path", "qlora_compiled", "cudagraphs_accumulation",
+                                                  "dropout_graphs", "saved_activations"], help="with --check: these checks alone")
     args = ap.parse_args()
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
-    only = {"cudagraphs_accumulation": lambda: check_cudagraphs_accumulation(root), "dropout_graphs": check_dropout_graphs}
-    checks = (only[args.only]() for _ in [1]) if args.only else check(root)  # runs when read
+    def chosen():  # runs when read
+        for name in args.only:
+            if name == "cudagraphs_accumulation":
+                yield check_cudagraphs_accumulation(root)
+            elif name == "saved_activations":
+                yield from saved_activations(root)
+            elif name == "dropout_graphs":
+                yield check_dropout_graphs(inside=True)
+                yield check_dropout_graphs(inside=False)
+            else:
+                yield from compiled_paths(root, (name,))
+
+    checks = chosen() if args.only else check(root)
     runs = ([checks] if args.check else []) + ([generate(root, args.generate, args.profile)] if args.generate else [])
     for run in runs:
         try:

@@ -119,11 +119,12 @@ def make_data(root: Path, n_docs: int = 2400) -> Path:
 LOG_INTERVAL = 1  # --log-interval
 SAVE_STEPS = 10_000  # --save-steps
 EVAL_EVERY = 0  # --eval-every: runtime.evaluation_freq, with two evaluation questions (0: none)
+LORA_DROPOUT = 0.0  # --lora-dropout (the peer's cases use 0, the built-in XTuner configs 0.1)
 
 
 def write_config(folder: Path, model: Path, data: Path, *, lora: bool, rows: int, accum: int, steps: int,
                  max_length: int = ROW, **model_keys) -> Path:
-    cfg = {"model": {"path": str(model), "lora": {"r": 64, "alpha": 16, "dropout": 0.0} if lora else None,
+    cfg = {"model": {"path": str(model), "lora": {"r": 64, "alpha": 16, "dropout": LORA_DROPOUT} if lora else None,
                      **model_keys},
            "data": {"path": str(data), "format": "pretrain", "max_length": max_length, "pack_to_max_length": True},
            "train": {"batch_size": rows, "accumulative_counts": accum, "max_steps": steps,
@@ -356,9 +357,10 @@ def main() -> None:
                     "cost: each step's rate is reported)")
     ap.add_argument("--eval-every", type=int, default=0, help="the runs answer two evaluation questions every N "
                     "steps and at the end (runtime.evaluation_freq)")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="the runs' model.lora.dropout")
     a = ap.parse_args()
-    global LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY
-    LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY = a.log_interval, a.save_steps, a.eval_every
+    global LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY, LORA_DROPOUT
+    LOG_INTERVAL, SAVE_STEPS, EVAL_EVERY, LORA_DROPOUT = a.log_interval, a.save_steps, a.eval_every, a.lora_dropout
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     gpus = [int(x) for x in a.gpus.split(",")]

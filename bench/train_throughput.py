@@ -9,7 +9,8 @@ accumulate_gradients -> clip -> AdamW. Prints one JSON line per case (and append
 A case runs with tunelab's defaults unless a variant follows its name, e.g.
     lora_flex_liger                      defaults: every speed setting "auto", micro-batches of 1 row
     lora_flex_liger:ckpt=full,compile=off,liger=on,attn=flex_attention,mb=4,cast=on   the 2026-11-22 path
-keys: ckpt=auto|on|off|offload  compile=auto|on|off|cudagraphs  liger=auto|on|off  attn=auto|sdpa|flex_attention
+keys: ckpt=auto|on|off|offload|inside (inside: kernels.checkpoint_inside with any compile setting; give budget=1)
+      compile=auto|on|off|cudagraphs  liger=auto|on|off  attn=auto|sdpa|flex_attention
       budget=F (compiled layers: activation memory budget, 0..1)  rows=N (rows per step instead of the case's)
       mb=N (rows per micro-batch; the step is always the case's rows)  cast=on (keep peft's input cast)
       dropout=F (LoRA dropout; the peer's cases use 0, the XTuner configs 0.1)
@@ -57,7 +58,8 @@ CASES = {
     "tutorial_lora": ("1_8b", "lora", 1, 1024),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ON_OFF = {"on": True, "off": False, "auto": "auto", "offload": "offload", "full": True, "cudagraphs": "cudagraphs"}
+ON_OFF = {"on": True, "off": False, "auto": "auto", "offload": "offload", "full": True, "cudagraphs": "cudagraphs",
+          "inside": False}  # inside: checkpointed inside the compiled layers by build() itself
 
 
 def model_folder(shape: str, root: Path, max_positions: int = 8192) -> Path:
@@ -113,6 +115,8 @@ def build(shape: str, method: str, var: dict[str, str], root: Path, seqlen: int,
                        quantization=settings.quantization, attn_implementation=attn)
     model = make_full_trainable(model) if method == "full" else add_lora(model, settings.lora)
     budget = float(var["budget"]) if "budget" in var else None
+    if var.get("ckpt") == "inside":
+        kernels.checkpoint_inside(kernels.decoder_layers(model.get_base_model() if method != "full" else model))
     plan = kernels.prepare_for_training(model, settings, device, tokens_per_micro_batch=mb * seqlen,
                                         memory_budget=budget)
     if var.get("cast") == "on":

@@ -16,8 +16,8 @@ from tunelab.model.adapters import add_lora, count_parameters
 from tunelab.model.kernels import (
     CUDAGRAPHS_MAX_TOKENS,
     FLEX_MAX_ROW,
-    QLORA_MEMORY_BUDGET,
     activation_bytes,
+    checkpoint_inside,
     choose_attention,
     choose_checkpointing,
     choose_cudagraphs,
@@ -28,6 +28,7 @@ from tunelab.model.kernels import (
     kept_activation_bytes,
     peak_flops,
     prepare_for_training,
+    recompute_everything,
     skip_lora_input_cast,
     step_flops,
 )
@@ -120,17 +121,15 @@ def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_in_one_pr
     assert not graphs(attn_implementation="flex_attention", on=windowed) and graphs(on=windowed)
     assert not graphs(compile=False) and not graphs(compile=True)
     assert not choose_cudagraphs(ModelSettings(path="x", quantization="nf4"), model, CPU, 1024, free)
-    # QLoRA keeps each layer's input and QLORA_MEMORY_BUDGET of the rest (the compiler recomputes it); LoRA keeps
-    # all its activations; either must fit in 60% of free memory
+    # QLoRA checkpoints inside its compiled layers, which keep each layer's input; LoRA, or QLoRA with
+    # gradient_checkpointing: false, all their activations; either must fit in 60% of free memory
     inputs, everything = 32 * 4 * 1024 * 8, 4.0 * (32 + 64) * 4 * 1024 * 8
     assert activation_bytes(model, 1024) == everything
     assert kept_activation_bytes(model, 1024, 0.0) == inputs
     assert kept_activation_bytes(model, 1024, 0.5) == inputs + 0.5 * (everything - inputs)
-    need = inputs + QLORA_MEMORY_BUDGET * (everything - inputs)
-    no_dropout = LoraSettings(dropout=0.0)
-    assert graphs(free=need / 0.6 + 1, lora=no_dropout) and not graphs(free=need / 0.6 - 1, lora=no_dropout)
-    # with LoRA dropout (0.1 by default) the compiler recomputes nothing (see the dropout test below)
-    assert graphs(free=everything / 0.6 + 1) and not graphs(free=everything / 0.6 - 1)
+    assert graphs(free=inputs / 0.6 + 1) and not graphs(free=inputs / 0.6 - 1)
+    assert graphs(free=everything / 0.6 + 1, gradient_checkpointing=False)
+    assert not graphs(free=everything / 0.6 - 1, gradient_checkpointing=False)
     assert graphs(quantization="none", free=everything / 0.6 + 1)
     assert not graphs(quantization="none", free=everything / 0.6 - 1)
     # no decoder layers found to compile: no graphs (and so QLoRA keeps its checkpointing)
@@ -140,16 +139,16 @@ def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_in_one_pr
     assert graphs(quantization="none", compile="cudagraphs", wrapped=True)  # asked for: always
 
 
-def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_flex_and_no_checkpointing(tmp_path: Path) -> None:
+def test_auto_plan_for_short_qlora_on_a_gpu_is_cuda_graphs_with_flex_checkpointed_inside(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path)
     base = model.get_base_model()
     base.config._attn_implementation = "flex_attention"  # as "auto" loads it on a GPU
     settings = ModelSettings(path="x", quantization="nf4", use_liger=False, lora=LoraSettings(dropout=0.0))
     # a plan only: the layers compile lazily, at their first call, which never comes here
     plan = prepare_for_training(model, settings, torch.device("cuda"), tokens_per_micro_batch=1024, free=1e9)
-    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.static_mask) == (True, True, "off", True)
+    assert (plan.compiled, plan.cudagraphs, plan.checkpointing, plan.static_mask) == (True, True, "compiled", True)
     assert plan.attention == base.config._attn_implementation == "flex_attention"
-    assert torch._functorch.config.activation_memory_budget == QLORA_MEMORY_BUDGET
+    assert torch._functorch.config.activation_memory_budget == 1.0
     sharded = tiny_lora(tmp_path / "sharded")
     sharded.get_base_model().config._attn_implementation = "flex_attention"
     plan = prepare_for_training(sharded, settings, torch.device("cuda"), 1024, free=1e9, wrapped=True)
@@ -177,7 +176,21 @@ def test_cuda_graphs_keep_flex_attention_with_a_fixed_mask_or_take_sdpa(tmp_path
     torch._dynamo.reset()
 
 
-def dropout_follows_the_forward(budget: float) -> bool:
+def test_cuda_graphs_asked_for_with_checkpointing_checkpoint_inside_the_compiled_layers(tmp_path: Path) -> None:
+    """compile: cudagraphs where checkpointing is asked for (or needed): graphs cannot replay a recompute started
+    outside the compiled layers, so each layer checkpoints inside its compiled region (once ran without any)."""
+    model = tiny_lora(tmp_path)
+    settings = ModelSettings(path="x", compile="cudagraphs", gradient_checkpointing=True, use_liger=False)
+    plan = prepare_for_training(model, settings, CPU, tokens_per_micro_batch=64)
+    assert (plan.cudagraphs, plan.checkpointing) == (True, "compiled")
+    assert plan.describe() == "sdpa, compiled layers (CUDA graphs), activation checkpointing inside the compiled layers"
+    layers = decoder_layers(model.get_base_model())
+    assert all(layer.forward.__func__.__name__ == "_checkpointed_forward" for layer in layers)
+    assert not model.get_base_model().is_gradient_checkpointing  # not also transformers' own, around the layers
+    torch._dynamo.reset()
+
+
+def dropout_follows_the_forward(budget: float, checkpointed: bool = False) -> bool:
     """Whether a compiled LoRA-shaped layer with dropout, at this compiler memory budget, takes its gradient with
     the forward's dropout mask. With one scalar weight w, out = w * f(...) and d(sum out)/dw = sum(out) / w only when
     the backward recomputes nothing of f with a new mask."""
@@ -193,10 +206,13 @@ def dropout_follows_the_forward(budget: float) -> bool:
         h = x @ frozen + (torch.nn.functional.dropout(x, 0.1, training=True) @ a) @ b
         return torch.sin(h * 2.0 + 0.1) * w
 
+    def checkpointed_layer(x: torch.Tensor) -> torch.Tensor:  # as kernels.checkpoint_inside does
+        return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False, context_fn=recompute_everything)
+
     torch._dynamo.reset()
     try:
         with functorch_config.patch(activation_memory_budget=budget):
-            compiled = torch.compile(layer)
+            compiled = torch.compile(checkpointed_layer if checkpointed else layer)
             x = torch.randn(512, 256)
             for _ in range(2):
                 w.grad = None
@@ -210,33 +226,92 @@ def dropout_follows_the_forward(budget: float) -> bool:
         torch._dynamo.reset()
 
 
-def test_runs_with_dropout_keep_the_compiler_budget_at_one(tmp_path: Path, capsys) -> None:
+def test_dropout_keeps_the_compiler_budget_at_one_and_qlora_checkpoints_inside_under_graphs(
+        tmp_path: Path, capsys) -> None:
     """At a budget below 1 torch's partitioner may recompute Inductor's random seeds in the backward (it does at 0
-    and 0.01 for a LoRA layer), so dropout's backward would use another mask. QLoRA lowers the budget only where
-    nothing draws a random mask (LoRA dropout, 0.1 by default, or the model's own dropout); otherwise the budget is
-    set to torch's 1, whatever an earlier run in the process left, and an explicit lower one is refused with a
-    warning. At the budget a dropout run gets, a compiled LoRA layer's gradient follows its forward's mask."""
+    and 0.01 for a LoRA layer), so dropout's backward would use another mask. Every compiled run sets torch's
+    budget 1, whatever an earlier run in the process left; a lower one (a bench setting) is refused with a warning
+    where LoRA or the model itself has dropout. QLoRA under CUDA graphs checkpoints inside its compiled layers
+    instead, where the compiler keeps the masks' random state. At budget 1 a compiled LoRA layer's gradient follows
+    its forward's mask, checkpointed inside or not."""
     import torch._functorch.config as functorch_config
 
-    def budget_after(dropout: float, explicit: float | None = None, model_dropout: float = 0.0) -> float:
-        model = tiny_lora(tmp_path / f"{dropout}_{explicit}_{model_dropout}")
+    def plan_for(dropout: float, explicit: float | None = None, model_dropout: float = 0.0,
+                 checkpointing: str | bool = "auto") -> tuple[str, float]:
+        model = tiny_lora(tmp_path / f"{dropout}_{explicit}_{model_dropout}_{checkpointing}")
         model.get_base_model().config.attention_dropout = model_dropout
-        settings = ModelSettings(path="x", quantization="nf4", use_liger=False, lora=LoraSettings(dropout=dropout))
-        with functorch_config.patch(activation_memory_budget=0.0):  # as an earlier QLoRA run would leave it
+        settings = ModelSettings(path="x", quantization="nf4", use_liger=False, lora=LoraSettings(dropout=dropout),
+                                 gradient_checkpointing=checkpointing)
+        with functorch_config.patch(activation_memory_budget=0.0):  # as an earlier run could leave it
             plan = prepare_for_training(model, settings, torch.device("cuda"), 1024, free=1e9,  # a plan only
                                         memory_budget=explicit)
-            assert plan.cudagraphs and plan.checkpointing == "off"
-            return functorch_config.activation_memory_budget
+            assert plan.cudagraphs
+            return plan.checkpointing, functorch_config.activation_memory_budget
 
-    assert budget_after(0.1) == 1.0
-    assert budget_after(0.0) == QLORA_MEMORY_BUDGET
-    assert budget_after(0.0, model_dropout=0.1) == 1.0
-    assert budget_after(0.1, explicit=0.2) == 1.0
+    assert plan_for(0.1) == plan_for(0.0) == ("compiled", 1.0)
+    assert plan_for(0.1, checkpointing=False) == ("off", 1.0)  # asked for none: keeps all activations
+    assert plan_for(0.1, explicit=0.2) == ("compiled", 1.0)
     assert "compiler memory budget 0.2 ignored: the model trains with dropout" in capsys.readouterr().err
-    assert budget_after(0.0, explicit=0.2) == 0.2
+    assert plan_for(0.0, explicit=0.2, model_dropout=0.1) == ("compiled", 1.0)
+    assert plan_for(0.0, explicit=0.2) == ("compiled", 0.2)
     torch._dynamo.reset()
     assert dropout_follows_the_forward(1.0)
     assert not dropout_follows_the_forward(0.0)  # the check sees a redrawn mask
+    assert dropout_follows_the_forward(1.0, checkpointed=True)
+
+
+def test_checkpointing_inside_compiled_layers_keeps_only_their_inputs_and_dropout_masks(tmp_path: Path) -> None:
+    """kernels.checkpoint_inside on a whole model with LoRA dropout, layers compiled: the gradient matches a finite
+    difference of the loss along it, each loss drawing the same masks (the same seed); so the backward used the
+    forward's masks, as it does without checkpointing at budget 1. A negative control: at the compiler budget 0
+    without checkpointing it does not. The layers share their compiled graphs and save far fewer activations."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def worst_mismatch(inside: bool, budget: float) -> tuple[float, int, int]:
+        model = tiny_lora(tmp_path / f"{inside}_{budget}", dropout=0.1, layers=3)
+        layers = decoder_layers(model.get_base_model())
+        if inside:
+            checkpoint_inside(layers)
+        torch._dynamo.reset()
+        counters.clear()
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_at(seed: int) -> torch.Tensor:
+            torch.manual_seed(seed)  # Inductor draws its dropout seeds from torch's generator
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+        worst, saved = 0.0, []
+        with functorch_config.patch(activation_memory_budget=budget):
+            compile_layers(layers)
+            for seed in range(3):
+                model.zero_grad(set_to_none=True)
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                    loss = loss_at(seed)
+                loss.backward()
+                grads = [p.grad.clone() for p in params]
+                norm2 = sum(float((g * g).sum()) for g in grads)
+                eps = 1e-3 / norm2 ** 0.5
+                with torch.no_grad():
+                    moved = []
+                    for sign in (1, -2, 1):  # +eps, -eps, back
+                        for p, g in zip(params, grads):
+                            p.add_(g, alpha=sign * eps)
+                        moved.append(float(loss_at(seed)))
+                worst = max(worst, abs((moved[0] - moved[1]) / (2 * eps) - norm2) / norm2)
+        activations = sum(1 for shape in saved if len(shape) == 3) // 3  # per step: (rows, tokens, features)
+        return worst, activations, counters["stats"]["unique_graphs"]
+
+    worst, activations, graphs = worst_mismatch(inside=True, budget=1.0)
+    plain = worst_mismatch(inside=False, budget=1.0)
+    assert worst < 5e-3 and plain[0] < 5e-3
+    assert activations * 3 < plain[1]  # 13 saved activations per step against 47 without checkpointing
+    assert graphs <= 3  # one graph serves all layers (plus variants)
+    assert worst_mismatch(inside=False, budget=0.0)[0] > 2e-2  # the masks were drawn anew
+    torch._dynamo.reset()
 
 
 def test_skipping_peft_input_cast_gives_identical_gradients_under_autocast(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMAR
 - each decoder layer compiled by torch.compile, once for all layers, with the compile cache kept under
   ~/.cache/tunelab so a second run starts fast;
 - CUDA graphs on top for LoRA and QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are
-  many short kernels launched one by one (the low-rank matmuls of every layer; 4-bit dequantisation): no
-  activation checkpointing there (graphs cannot replay it; QLoRA's compiled layers recompute inside instead where
-  LoRA has no dropout), and flex attention's block mask kept in the same tensors from one micro-batch to the next
+  many short kernels launched one by one (the low-rank matmuls of every layer; 4-bit dequantisation). LoRA
+  keeps its activations there; QLoRA (memory first) checkpoints inside the compiled layers, a recompute the
+  graphs replay with the forward's dropout masks. Flex attention's block mask stays in the same tensors from
+  one micro-batch to the next
   (model/block_mask.py; where a model's mask is not plain causal, SDPA, whose mask the graphs copy in);
 - activation checkpointing only where needed: for the other QLoRA runs (their point is memory), else when the
   estimated activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP
@@ -26,9 +27,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from tunelab.errors import ModelError
 from tunelab.model.adapters import enable_checkpointing, merged_for_generation, real_numel
@@ -36,14 +39,6 @@ from tunelab.model.block_mask import supports_static_mask
 
 # Rows longer than this are one long document in practice; FlashAttention (SDPA) is faster there than flex.
 FLEX_MAX_ROW = 32768
-# QLoRA with compiled layers and no checkpointing (CUDA graphs, or gradient_checkpointing: false): let the compiler
-# recompute activations down to this share of what it would save beyond each layer's input. 7B QLoRA 1x2048 under
-# CUDA graphs on an H100 (BENCHMARKS.md): with the gradients kept allocated, 0.5 -> 10.57 GiB, 0.2 -> 8.67, 0.1 ->
-# 7.85; without (one micro-batch per step), 0.1 -> 7.13 GiB at 10,869 tok/s and 0 -> 6.68 GiB at 10,544 (the peer:
-# 7.10 GiB at 4,285-4,779). QLoRA is about memory. Only without LoRA dropout: below 1, torch's partitioner may
-# recompute Inductor's random seeds in the backward (it does at 0 and 0.01 for a LoRA layer), and dropout's
-# backward would then use another mask than its forward (tests/model/test_kernels.py).
-QLORA_MEMORY_BUDGET = 0.0
 # "auto" takes CUDA graphs for LoRA and NF4 QLoRA micro-batches up to this many tokens: launch-bound steps (through
 # `tunelab train` on an H100, BENCHMARKS.md: tutorial QLoRA 1x1024, 21.5k tok/s against 4.0k with checkpointing;
 # 1.8B LoRA 1x4096, GPU busy 68% of the step without graphs, 52.7k tok/s with them against 44.2k).
@@ -66,7 +61,7 @@ class SpeedPlan:
     compiled: bool = False
     cudagraphs: bool = False
     static_mask: bool = False  # flex attention's block mask built by tunelab, in fixed tensors (CUDA graphs)
-    checkpointing: str = "off"  # "off" | "full" | "offload"
+    checkpointing: str = "off"  # "off" | "full" | "offload" | "compiled" (inside the compiled layers)
 
     def describe(self) -> str:
         parts = [self.attention]
@@ -75,6 +70,7 @@ class SpeedPlan:
         if self.liger_layers or self.liger_loss:
             parts.append("Liger " + ("kernels + fused loss" if self.liger_layers else "fused loss"))
         parts.append({"off": "no activation checkpointing", "full": "activation checkpointing",
+                      "compiled": "activation checkpointing inside the compiled layers",
                       "offload": "activation checkpointing offloaded to CPU, tiled MLP"}[self.checkpointing])
         return ", ".join(parts)
 
@@ -112,23 +108,20 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
     free = free_memory(model, device) if free is None else free
     graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
-    plan.checkpointing = "off" if graphs and settings.compile == "auto" else \
-        choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    if graphs and plan.checkpointing != "off":
+        # CUDA graphs cannot replay a recompute started from outside the compiled layers, so the layers checkpoint
+        # inside their compiled region (QLoRA's "auto", memory first, and whatever else needs checkpointing), where
+        # the compiler also keeps the random state of dropout's masks for the backward. "auto" took graphs for LoRA
+        # only where its activations fit without.
+        lora_auto = settings.compile == "auto" and settings.quantization == "none"
+        plan.checkpointing = "off" if lora_auto else "compiled"
     if graphs and plan.attention == "flex_attention":
         if supports_static_mask(base.config) and decoder_layers(base):
             plan.static_mask = True  # the loss module builds it (train/loss.py)
         elif settings.attn_implementation == "auto":
             _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in
             plan.attention = "sdpa"
-    if settings.compile == "cudagraphs" and plan.checkpointing != "off":  # only "auto" gets here (config/schema.py)
-        # CUDA graphs cannot replay a checkpointed layer's recompute. QLoRA without dropout recomputes inside the
-        # compiled layers instead (the memory budget below); other runs may not fit without checkpointing: say so.
-        if settings.quantization == "none" or has_dropout(settings, base):
-            from tunelab import ui
-
-            ui.warn("cudagraphs_memory", "model.compile: cudagraphs runs without activation checkpointing, which "
-                    "this micro-batch would need to fit in memory; if it runs out, use compile: auto")
-        plan.checkpointing = "off"
     want_compile = "cudagraphs" if graphs else settings.compile
     if want_compile == "auto":
         want_compile = cuda and plan.checkpointing != "offload" and hasattr(torch, "compile")
@@ -148,6 +141,8 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     layers = decoder_layers(base)
     if plan.checkpointing == "full":
         enable_checkpointing(base)
+    elif plan.checkpointing == "compiled":
+        checkpoint_inside(layers)
     elif plan.checkpointing == "offload":
         from tunelab.model.offload import OffloadPolicy, enable_offloaded_checkpointing, tile_mlps
 
@@ -155,19 +150,18 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
         tile_mlps([layer.mlp for layer in layers if hasattr(layer, "mlp")])
     skip_lora_input_cast(model)
     if want_compile and layers:
-        if has_dropout(settings, base):  # below 1 the backward may redraw dropout's mask (QLORA_MEMORY_BUDGET)
-            if memory_budget is not None and memory_budget < 1:
-                from tunelab import ui
+        # Below 1 torch's partitioner may recompute Inductor's random seeds in the backward (it does at 0 and 0.01
+        # for a LoRA layer), and dropout's backward would then use another mask than its forward: a lower budget
+        # (a bench setting) only where nothing draws a random mask.
+        if memory_budget is not None and memory_budget < 1 and has_dropout(settings, base):
+            from tunelab import ui
 
-                ui.warn("budget_dropout", f"compiler memory budget {memory_budget} ignored: the model trains "
-                                          "with dropout, whose mask a recompute would draw anew")
-            memory_budget = 1.0
-        elif memory_budget is None:  # QLoRA is about memory: recompute inside the compiled layers
-            quantized_no_ckpt = settings.quantization != "none" and plan.checkpointing == "off"
-            memory_budget = QLORA_MEMORY_BUDGET if quantized_no_ckpt else 1.0
+            ui.warn("budget_dropout", f"compiler memory budget {memory_budget} ignored: the model trains "
+                                      "with dropout, whose mask a recompute would draw anew")
+            memory_budget = None
         # a process-wide setting, read when the layers are first compiled: set for every run, so that one run's
         # value never carries over to the next in the same process
-        torch._functorch.config.activation_memory_budget = memory_budget
+        torch._functorch.config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
         plan.cudagraphs = want_compile == "cudagraphs"
         compile_layers(layers, mode="reduce-overhead" if plan.cudagraphs else None)
         if plan.cudagraphs:
@@ -188,8 +182,8 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: one unsharded process
     on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
     up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
-    can take, decoder layers to compile, and the activations the compiled layers keep (for QLoRA without dropout,
-    each layer's input and QLORA_MEMORY_BUDGET of the rest; else all) well inside free memory. Sharded or
+    can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
+    them: each layer's input; LoRA, or gradient_checkpointing: false, all) well inside free memory. Sharded or
     several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured,
     nor full fine-tuning, DoRA, int8 or torchao's NF4 weights."""
     if settings.compile == "cudagraphs":
@@ -205,8 +199,8 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
         return False
     if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
-    budget = QLORA_MEMORY_BUDGET if settings.quantization == "nf4" and not has_dropout(settings, base) else 1.0
-    need = kept_activation_bytes(model, tokens, budget)
+    inside = settings.quantization == "nf4" and settings.gradient_checkpointing == "auto"  # checkpointed inside
+    need = kept_activation_bytes(model, tokens, 0.0 if inside else 1.0)
     return bool(need and decoder_layers(base)) and need <= 0.6 * free
 
 
@@ -276,6 +270,33 @@ def free_memory(model: Any, device: torch.device) -> float:
 
         total, used = psutil.virtual_memory().available, 0
     return 0.9 * total - used - trainable
+
+
+def checkpoint_inside(layers: Sequence[torch.nn.Module]) -> None:
+    """Activation checkpointing inside each layer's compiled region (call before compile_layers): the compiler
+    sees the recompute, so CUDA graphs can replay it, and it saves the random state of each dropout mask for the
+    backward instead of drawing it anew. The transformers way (a checkpoint around the compiled call) can do
+    neither. All layers share one forward function, so they still share one compiled graph."""
+    for layer in layers:
+        layer.forward = MethodType(_checkpointed_forward, layer)
+
+
+def _checkpointed_forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    if not (layer.training and torch.is_grad_enabled()):  # evaluation and generation: nothing to recompute
+        return type(layer).forward(layer, *args, **kwargs)
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=recompute_everything,
+                      **kwargs)
+
+
+def recompute_everything() -> tuple[Any, Any]:
+    """checkpoint()'s context_fn for a region whose every op is recomputed in the backward."""
+    # Every op, matmuls too: left to its own choice torch 2.11's partitioner kept the matmul outputs of each layer
+    # (7B QLoRA 1x2048 on an H100: 11.1 GiB against 6.7 when only the layer's input is kept; BENCHMARKS.md).
+    return create_selective_checkpoint_contexts(_must_recompute)
+
+
+def _must_recompute(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
