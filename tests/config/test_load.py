@@ -226,14 +226,17 @@ def test_a_built_in_config_and_its_overrides_resolve_against_the_current_directo
         load_config("smollm2_135m_instruct_lora_self_cognition_e4", cwd=tmp_path)
 
 
-@pytest.mark.parametrize("checkpointing", ["true", "offload"])
-def test_cuda_graphs_with_checkpointing_are_refused_and_with_accumulation_accepted(tmp_path, checkpointing):
-    with pytest.raises(ConfigError, match="model.compile: cudagraphs cannot replay checkpointed layers") as e:
+def test_cuda_graphs_with_offloaded_checkpointing_are_refused_and_with_accumulation_accepted(tmp_path):
+    with pytest.raises(ConfigError, match="model.compile: cudagraphs cannot replay layers checkpointed to CPU "
+                                          "memory") as e:
         load_config(write(tmp_path, BASE.format(model="m")),
-                    ["model.compile=cudagraphs", f"model.gradient_checkpointing={checkpointing}"])
-    assert "model.gradient_checkpointing: false" in str(e.value)
+                    ["model.compile=cudagraphs", "model.gradient_checkpointing=offload"])
+    assert "model.gradient_checkpointing: true (inside the compiled layers)" in str(e.value)
     ok = load_config(write(tmp_path, BASE.format(model="m")), ["model.compile=cudagraphs", "train.accumulative_counts=16"])
     assert (ok.model.compile, ok.train.accumulative_counts) == ("cudagraphs", 16)
+    ok = load_config(write(tmp_path, BASE.format(model="m")),  # checkpointed inside the compiled layers
+                     ["model.compile=cudagraphs", "model.gradient_checkpointing=true"])
+    assert (ok.model.compile, ok.model.gradient_checkpointing) == ("cudagraphs", True)
 
 
 def test_a_typo_in_a_command_line_override_is_blamed_on_the_command_line(tmp_path):

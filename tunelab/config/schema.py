@@ -209,11 +209,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cudagraphs_need_one_plain_forward(self) -> "Config":
-        # A CUDA graph replays into the same output buffers: a checkpointed layer's recompute overwrites
-        # activations the backward still needs (H100, 2026-11-25). Several micro-batches per step work since the
-        # gradients stay allocated between them (train/optim.py keep_gradients; H100, 2026-11-26).
-        if self.model.compile == "cudagraphs":
-            if self.model.gradient_checkpointing in (True, "offload"):
-                raise ValueError("model.compile: cudagraphs cannot replay checkpointed layers; set "
-                                 "model.gradient_checkpointing: false (or auto) or compile: auto")
+        # A CUDA graph replays into the same output buffers: a recompute started outside the compiled layers
+        # overwrites activations the backward still needs (H100, 2026-11-25), so under graphs the layers checkpoint
+        # inside their compiled region (model/kernels.py checkpoint_inside); moving their inputs to CPU memory
+        # cannot be replayed. Several micro-batches per step work since the gradients stay allocated between them
+        # (train/optim.py keep_gradients; H100, 2026-11-26).
+        if self.model.compile == "cudagraphs" and self.model.gradient_checkpointing == "offload":
+            raise ValueError("model.compile: cudagraphs cannot replay layers checkpointed to CPU memory; set "
+                             "model.gradient_checkpointing: true (inside the compiled layers), auto or false, or "
+                             "compile: auto")
         return self
