@@ -276,8 +276,8 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     tl 60 tutorial_qlora:rows=4
     tl $(( $(left) - 3 )) qlora7b_sdpa
     ;;
-  qlora_dropout)  # left for the next session: QLoRA with LoRA dropout 0.1 (the XTuner configs') keeps the compiler
-    # budget at 1 (third session's review: below 1 the backward may redraw dropout's mask); its check under CUDA
+  qlora_dropout)  # run in the fourth session, before checkpointing inside the compiled layers: QLoRA with LoRA dropout
+    # 0.1 (the XTuner configs') then kept the compiler budget at 1 and every activation; its check under CUDA
     # graphs, then the tutorial and 7B QLoRA with dropout beside the peer (whose cases use dropout 0)
     timeout 90 python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only dropout_graphs
     peer 40 tutorial_qlora
@@ -288,7 +288,8 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     ;;
   ckpt_inside)  # QLoRA under CUDA graphs checkpoints inside its compiled layers (kernels.checkpoint_inside): the
     # GPU checks of that path and of dropout under it, then tutorial and 7B QLoRA with and without LoRA dropout
-    # beside the peer; last, the 7B with gradient_checkpointing: false (the budget-0 path, the default until now)
+    # beside the peer; last, the 7B with gradient_checkpointing: false (then the budget-0 path, the default until
+    # this call; since this session it keeps every activation at budget 1)
     timeout 150 python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only qlora_compiled dropout_graphs
     peer 60 tutorial_qlora
     tl 70 tutorial_qlora:rows=4
@@ -331,6 +332,10 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 30 --log-interval 10 \
         --variants auto:auto --lora-dropout 0.1 qlora_cudagraphs
     [ "$(left)" -gt 75 ] && tl $(( $(left) - 3 )) qlora7b_sdpa
+    ;;
+  dropout_model)  # the QLoRA default with LoRA dropout 0.1, whole model, float32: gradient against a finite difference
+    # (then, since this call's first run, its negative control: no checkpointing at the compiler budget 0)
+    timeout $(( $(left) - 3 )) python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only qlora_dropout
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

@@ -12,6 +12,8 @@
   cudagraphs_accumulation  NF4 QLoRA with CUDA graphs (checkpointed inside its compiled layers), 4 micro-batches
                     accumulated into one step's gradients
                     (kept allocated: optim.keep_gradients), against the same 4 in eager mode;
+  qlora_dropout     the QLoRA default with LoRA dropout 0.1 (float32): its gradient against a finite difference
+                    of the loss, each loss drawing the same masks;
   dropout_graphs    dropout in a LoRA-shaped layer under CUDA graphs, checkpointed inside the compiled region
                     (QLoRA's default) or not at all: the backward uses the forward's mask, and each replay draws
                     a new one.
@@ -61,11 +63,12 @@ def small_folder(root: Path) -> Path:
     return out
 
 
-def lora_model(root: Path, settings: ModelSettings, attn: str, tokens: int):
-    model = load_model(str(small_folder(root)), dtype=torch.bfloat16, device=CUDA,
+def lora_model(root: Path, settings: ModelSettings, attn: str, tokens: int, dtype: torch.dtype = torch.bfloat16,
+               dropout: float = 0.0):
+    model = load_model(str(small_folder(root)), dtype=dtype, device=CUDA,
                        quantization=settings.quantization, attn_implementation=attn)
     torch.manual_seed(1)
-    model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=TARGETS))
+    model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=dropout, target_modules=TARGETS))
     with torch.no_grad():  # B starts at zero: give it values so every gradient is non-trivial
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -122,6 +125,7 @@ def check(root: Path):
     yield check_cudagraphs_accumulation(root)
     yield check_dropout_graphs(inside=True)
     yield check_dropout_graphs(inside=False)
+    yield check_qlora_dropout(root)
 
 
 def compiled_paths(root: Path, names: tuple[str, ...]):
@@ -191,6 +195,59 @@ def check_dropout_graphs(inside: bool) -> dict:
     torch._dynamo.reset()
     return {"check": "dropout_graphs", "checkpointing": "inside the compiled region" if inside else "off",
             "budget": 1.0, "max_rel_diff": max(diffs), "masks_differ": len(set(sums)) == len(sums)}
+
+
+def check_qlora_dropout(root: Path, control: bool = False) -> dict:
+    """The QLoRA default (CUDA graphs, flex attention with tunelab's mask, checkpointed inside the compiled layers,
+    Liger's loss) with LoRA dropout 0.1, in float32 so that a finite difference is exact enough: the gradient g
+    must match (L(w + eps g) - L(w - eps g)) / 2 eps = |g|^2, each loss drawing the same masks (the same seed, the
+    same recorded graphs, grad enabled). `control`: the negative control, no checkpointing and the compiler budget
+    0 set behind tunelab's back (it refuses that budget with dropout), whose backward may draw other masks."""
+    import torch._functorch.config as functorch_config
+
+    gen = torch.Generator().manual_seed(5)
+    rows = to_rows(*packed_batch(1, 4096, SHAPES["1_8b"]["vocab_size"], gen)[:3])
+    torch._dynamo.reset()
+    settings = ModelSettings(path="x", quantization="nf4", gradient_checkpointing=False if control else "auto")
+    model, plan = lora_model(root, settings, kernels.choose_attention("auto", CUDA, 4096), 4096,
+                             dtype=torch.float32, dropout=0.1)
+    if control:
+        functorch_config.activation_memory_budget = 0.0  # read at the first compile, below
+    module = loss_module_for(model, plan, CUDA)
+    batch = {k: v.to(CUDA) for k, v in collate(rows, 0).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_at(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return module(batch)[0]
+
+    for _ in range(2):  # compile, record
+        model.zero_grad(set_to_none=True)
+        loss_at(0).backward()
+    diffs = []
+    for seed in (11, 12):
+        model.zero_grad(set_to_none=True)
+        loss = loss_at(seed)
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm2 = sum(float((g * g).sum()) for g in grads)
+        eps = 1e-3 * abs(float(loss.detach())) / norm2  # moves the loss by about 0.1%
+        moved = []
+        for sign in (1, -2, 1):
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(g, alpha=sign * eps)
+            moved.append(float(loss_at(seed).detach()))
+        diffs.append(abs((moved[0] - moved[1]) / (2 * eps) - norm2) / norm2)
+    same_seed = float(loss_at(11).detach()) == float(loss_at(11).detach())
+    other_seed = float(loss_at(11).detach()) != float(loss_at(12).detach())
+    del model
+    torch._dynamo.reset()
+    functorch_config.activation_memory_budget = 1.0
+    return {"check": "qlora_dropout" + ("_negative_control_budget0" if control else ""), "plan": plan.describe(),
+            "dtype": "float32", "lora_dropout": 0.1,
+            "finite_difference_rel_diff": max(diffs), "same_seed_same_loss": same_seed,
+            "other_seed_other_loss": other_seed}
 
 
 def saved_activations(root: Path):
@@ -332,7 +389,7 @@ def main() -> None:
     ap.add_argument("--generate", metavar="TOKENIZER_DIR")
     ap.add_argument("--profile", metavar="FILE", help="with --generate: cProfile the first evaluation into FILE")
     ap.add_argument("--only", nargs="+", choices=["default_path", "qlora_compiled", "cudagraphs_accumulation",
-                                                  "dropout_graphs", "saved_activations"], help="with --check: these checks alone")
+                                                  "dropout_graphs", "saved_activations", "qlora_dropout"], help="with --check: these checks alone")
     args = ap.parse_args()
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
@@ -340,6 +397,9 @@ def main() -> None:
         for name in args.only:
             if name == "cudagraphs_accumulation":
                 yield check_cudagraphs_accumulation(root)
+            elif name == "qlora_dropout":
+                yield check_qlora_dropout(root)
+                yield check_qlora_dropout(root, control=True)
             elif name == "saved_activations":
                 yield from saved_activations(root)
             elif name == "dropout_graphs":

@@ -115,10 +115,13 @@ def build(shape: str, method: str, var: dict[str, str], root: Path, seqlen: int,
                        quantization=settings.quantization, attn_implementation=attn)
     model = make_full_trainable(model) if method == "full" else add_lora(model, settings.lora)
     budget = float(var["budget"]) if "budget" in var else None
-    if var.get("ckpt") == "inside":
+    inside = var.get("ckpt") == "inside"
+    if inside:
         kernels.checkpoint_inside(kernels.decoder_layers(model.get_base_model() if method != "full" else model))
     plan = kernels.prepare_for_training(model, settings, device, tokens_per_micro_batch=mb * seqlen,
                                         memory_budget=budget)
+    if inside:
+        plan.checkpointing = "compiled"  # done above, so that the plan the results record says so
     if var.get("cast") == "on":
         for mod in model.modules():
             if hasattr(mod, "cast_input_dtype_enabled"):

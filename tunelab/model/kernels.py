@@ -109,13 +109,16 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     free = free_memory(model, device) if free is None else free
     graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
     plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
-    if graphs and plan.checkpointing != "off":
+    if graphs and plan.checkpointing != "off" and decoder_layers(base):
         # CUDA graphs cannot replay a recompute started from outside the compiled layers, so the layers checkpoint
         # inside their compiled region (QLoRA's "auto", memory first, and whatever else needs checkpointing), where
-        # the compiler also keeps the random state of dropout's masks for the backward. "auto" took graphs for LoRA
-        # only where its activations fit without.
-        lora_auto = settings.compile == "auto" and settings.quantization == "none"
-        plan.checkpointing = "off" if lora_auto else "compiled"
+        # the compiler also keeps the random state of dropout's masks for the backward.
+        if plan.checkpointing == "offload":  # only where asked for: "auto" takes graphs where checkpointing fits
+            from tunelab import ui
+
+            ui.warn("cudagraphs_offload", "model.compile: cudagraphs keeps checkpointed layer inputs in GPU memory "
+                    "(inside the compiled layers), not in CPU memory; if it runs out, use compile: auto")
+        plan.checkpointing = "compiled"
     if graphs and plan.attention == "flex_attention":
         if supports_static_mask(base.config) and decoder_layers(base):
             plan.static_mask = True  # the loss module builds it (train/loss.py)
@@ -200,7 +203,7 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     if not packed or tokens > CUDAGRAPHS_MAX_TOKENS:
         return False
     inside = settings.quantization == "nf4" and settings.gradient_checkpointing == "auto"  # checkpointed inside
-    need = kept_activation_bytes(model, tokens, 0.0 if inside else 1.0)
+    need = checkpointed_bytes(model, tokens) if inside else activation_bytes(model, tokens)
     return bool(need and decoder_layers(base)) and need <= 0.6 * free
 
 
@@ -224,13 +227,13 @@ def activation_bytes(model: Any, tokens: int) -> float:
     return NO_CKPT_ACT_FACTOR * (hidden + inter) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
 
 
-def kept_activation_bytes(model: Any, tokens: int, budget: float) -> float:
-    """What compiled layers keep when the compiler recomputes down to `budget` (0..1): each layer's input, and
-    that share of the rest of activation_bytes. A lower bound: one layer's recompute works in memory of its own."""
+def checkpointed_bytes(model: Any, tokens: int) -> float:
+    """Estimated activations with checkpointing: one hidden state per layer, plus one layer's activations while
+    it is recomputed (three layers' worth, for the backward's own buffers)."""
     cfg = model.config
     elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
-    inputs = getattr(cfg, "hidden_size", 0) * elem * tokens * getattr(cfg, "num_hidden_layers", 0)
-    return inputs + budget * max(0.0, activation_bytes(model, tokens) - inputs)
+    n_layers = max(1, getattr(cfg, "num_hidden_layers", 0))
+    return getattr(cfg, "hidden_size", 0) * elem * tokens * n_layers + activation_bytes(model, tokens) / n_layers * 3
 
 
 def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens: int,
@@ -247,14 +250,10 @@ def choose_checkpointing(settings: Any, model: Any, device: torch.device, tokens
     n_layers = getattr(cfg, "num_hidden_layers", 0)
     if not (hidden and n_layers):
         return "full"
-    elem = 2 if next(model.parameters()).dtype != torch.float32 else 4
     free = free_memory(model, device) if free is None else free
-    no_ckpt = activation_bytes(model, tokens)
-    if no_ckpt <= 0.6 * free and settings.quantization == "none":  # QLoRA: memory first
+    if activation_bytes(model, tokens) <= 0.6 * free and settings.quantization == "none":  # QLoRA: memory first
         return "off"
-    # checkpointing keeps one hidden state per layer, plus one layer's activations while it is recomputed
-    ckpt = hidden * elem * tokens * n_layers + no_ckpt / n_layers * 3
-    return "full" if ckpt <= 0.8 * free else "offload"
+    return "full" if checkpointed_bytes(model, tokens) <= 0.8 * free else "offload"
 
 
 def free_memory(model: Any, device: torch.device) -> float:
@@ -274,10 +273,15 @@ def free_memory(model: Any, device: torch.device) -> float:
 
 def checkpoint_inside(layers: Sequence[torch.nn.Module]) -> None:
     """Activation checkpointing inside each layer's compiled region (call before compile_layers): the compiler
-    sees the recompute, so CUDA graphs can replay it, and it saves the random state of each dropout mask for the
-    backward instead of drawing it anew. The transformers way (a checkpoint around the compiled call) can do
-    neither. All layers share one forward function, so they still share one compiled graph."""
+    sees the recompute, so CUDA graphs can replay it (they cannot replay transformers' checkpoint around the
+    compiled call), and it saves the random state of each dropout mask for the backward's recompute. All layers
+    share one forward function, so they still share one compiled graph. The override lives on each layer
+    instance (no pickling of such a model; tunelab never pickles one)."""
     for layer in layers:
+        current = layer.__dict__.get("forward")
+        if current is not None and getattr(current, "__func__", None) is not _checkpointed_forward:
+            raise ModelError(f"cannot checkpoint {type(layer).__name__} inside its compiled region: its forward is "
+                             "already replaced (an accelerate hook or another patch); use compile: true")
         layer.forward = MethodType(_checkpointed_forward, layer)
 
 
