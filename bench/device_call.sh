@@ -337,6 +337,12 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     # (then, since this call's first run, its negative control: no checkpointing at the compiler budget 0)
     timeout $(( $(left) - 3 )) python3 bench/gpu_checks.py --models "$M" --out "$R" --check --only qlora_dropout
     ;;
+  x2_graphs)  # nvidia-h100-x2 (ran on 2 H200s): CUDA graphs asked for (model.compile: cudagraphs) under DDP on 2 GPUs,
+    # against the defaults there (compiled layers, no graphs): 1.8B LoRA, 4 micro-batches of one 4,096-token row per
+    # process and step
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
+        --variants cudagraphs:auto,auto:auto lora_cudagraphs
+    ;;
   *) echo "unknown call $call"; exit 2;;
 esac
 echo "call $call took $(( $(date +%s) - start )) s"

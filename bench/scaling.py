@@ -262,10 +262,10 @@ def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case: str) -> None:
-    """CUDA graphs through `tunelab train` on one GPU, 4 micro-batches of one row per step: the tutorial's QLoRA
-    (qlora_cudagraphs, 1,024-token rows) or 1.8B LoRA (lora_cudagraphs, 4,096-token rows); `variants` lists
-    model.compile:model.attn_implementation pairs, the one under test first."""
+def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case: str, gpus: int = 1) -> None:
+    """CUDA graphs through `tunelab train` on `gpus` GPUs (DDP), 4 micro-batches of one row per step and process:
+    the tutorial's QLoRA (qlora_cudagraphs, 1,024-token rows) or 1.8B LoRA (lora_cudagraphs, 4,096-token rows);
+    `variants` lists model.compile:model.attn_implementation pairs, the one under test first."""
     quantization, length = {"qlora_cudagraphs": ("nf4", 1024), "lora_cudagraphs": ("none", 4096)}[case]
     model, data = make_model(shape, root), make_data(root)
     for variant in variants.split(","):
@@ -274,8 +274,8 @@ def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case
         shutil.rmtree(work, ignore_errors=True)
         cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=length,
                            quantization=quantization, compile=compile_mode, attn_implementation=attn)
-        r = launch(cfg, work, 1, "ddp", timeout=300)
-        emit(per_gpu({**r, "case": case, "compile": compile_mode, "attn": attn, "gpus": 1}, 1))
+        r = launch(cfg, work, gpus, "ddp", timeout=300)
+        emit(per_gpu({**r, "case": case, "compile": compile_mode, "attn": attn, "gpus": gpus}, gpus))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -385,7 +385,7 @@ def main() -> None:
         elif case == "qlora_1_8b":
             qlora(root, gpus, a.steps, emit, a.shape)
         elif case in ("qlora_cudagraphs", "lora_cudagraphs"):
-            cudagraphs_cli(root, a.steps, emit, a.shape, a.variants, case)
+            cudagraphs_cli(root, a.steps, emit, a.shape, a.variants, case, max(gpus))
         elif case == "qlora_70b":
             qlora_70b(root, gpus, 6, emit)
         else:
