@@ -170,11 +170,12 @@ def run_case(spec: str, root: Path) -> dict:
         zero_gradients(optimizer, keep)
         return float(loss)
 
-    times, flops, loss = [], [], float("nan")
+    times, flops, loss, losses = [], [], float("nan"), []
     for s in range(3 + 8):
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = step(batches[s % 4])
+        losses.append(round(loss, 5))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         flops.append(kernels.step_flops(counter, batches[s % 4]))
@@ -189,7 +190,7 @@ def run_case(spec: str, root: Path) -> dict:
     res = {"impl": "tunelab", "case": name, "variant": vtext or "defaults", "tokens_per_s": round(bsz * seqlen / step_s),
            "step_s": round(step_s, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "model_gib": round(model_gib, 2), "mfu": round(flops[mid] / step_s / peak, 4) if peak else None,
-           "loss": round(loss, 3), "micro_batch_rows": mb, "plan": plan.describe(),
+           "loss": round(loss, 3), "losses": losses, "micro_batch_rows": mb, "plan": plan.describe(),
            "load_s": round(load_s, 1), "first_step_s": round(times[0], 1),
            "dynamo": {k: v for k, v in torch._dynamo.utils.counters["stats"].items()}}
     return res  # the model and optimizer go with this frame; main() empties the cache

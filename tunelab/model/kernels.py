@@ -109,6 +109,12 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     free = free_memory(model, device) if free is None else free
     graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
     plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
+    if plan.checkpointing == "offload" and not decoder_layers(base):  # nothing to offload layer by layer
+        from tunelab import ui
+
+        ui.warn("offload_layers", "no decoder layers found to offload their inputs to CPU memory: "
+                "transformers' activation checkpointing instead")
+        plan.checkpointing = "full"
     if graphs and plan.checkpointing != "off" and decoder_layers(base):
         # CUDA graphs cannot replay a recompute started from outside the compiled layers, so the layers checkpoint
         # inside their compiled region (QLoRA's "auto", memory first, and whatever else needs checkpointing), where
@@ -186,7 +192,8 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
     up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
     can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
-    them: each layer's input; LoRA, or gradient_checkpointing: false, all) well inside free memory. Sharded or
+    them: each layer's input plus one layer's recompute, checkpointed_bytes; LoRA, or gradient_checkpointing:
+    false, all) well inside free memory. Sharded or
     several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured,
     nor full fine-tuning, DoRA, int8 or torchao's NF4 weights."""
     if settings.compile == "cudagraphs":
@@ -277,11 +284,12 @@ def checkpoint_inside(layers: Sequence[torch.nn.Module]) -> None:
     compiled call), and it saves the random state of each dropout mask for the backward's recompute. All layers
     share one forward function, so they still share one compiled graph. The override lives on each layer
     instance (no pickling of such a model; tunelab never pickles one)."""
-    for layer in layers:
+    for layer in layers:  # all checked before any is changed
         current = layer.__dict__.get("forward")
         if current is not None and getattr(current, "__func__", None) is not _checkpointed_forward:
             raise ModelError(f"cannot checkpoint {type(layer).__name__} inside its compiled region: its forward is "
                              "already replaced (an accelerate hook or another patch); use compile: true")
+    for layer in layers:
         layer.forward = MethodType(_checkpointed_forward, layer)
 
 
