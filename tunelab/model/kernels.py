@@ -106,16 +106,17 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
+    layers = decoder_layers(base)
     free = free_memory(model, device) if free is None else free
     graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
     plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
-    if plan.checkpointing == "offload" and not decoder_layers(base):  # nothing to offload layer by layer
+    if plan.checkpointing == "offload" and not layers:  # nothing to offload layer by layer
         from tunelab import ui
 
         ui.warn("offload_layers", "no decoder layers found to offload their inputs to CPU memory: "
                 "transformers' activation checkpointing instead")
         plan.checkpointing = "full"
-    if graphs and plan.checkpointing != "off" and decoder_layers(base):
+    if graphs and plan.checkpointing != "off" and layers:
         # CUDA graphs cannot replay a recompute started from outside the compiled layers, so the layers checkpoint
         # inside their compiled region (QLoRA's "auto", memory first, and whatever else needs checkpointing), where
         # the compiler also keeps the random state of dropout's masks for the backward.
@@ -126,7 +127,7 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
                     "(inside the compiled layers), not in CPU memory; if it runs out, use compile: auto")
         plan.checkpointing = "compiled"
     if graphs and plan.attention == "flex_attention":
-        if supports_static_mask(base.config) and decoder_layers(base):
+        if supports_static_mask(base.config) and layers:
             plan.static_mask = True  # the loss module builds it (train/loss.py)
         elif settings.attn_implementation == "auto":
             _set_attention(base, "sdpa")  # SDPA's mask is a plain input the graphs copy in
@@ -147,7 +148,6 @@ def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens
     plan.liger_layers = bool(liger) and not want_compile
     if plan.liger_layers:
         apply_liger(base)
-    layers = decoder_layers(base)
     if plan.checkpointing == "full":
         enable_checkpointing(base)
     elif plan.checkpointing == "compiled":
