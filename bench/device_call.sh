@@ -343,15 +343,11 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
         --variants cudagraphs:auto,auto:auto lora_cudagraphs
     ;;
-  loss_paths)  # left for the next session: each step's loss (the bench now records them) of the tutorial QLoRA, 4
-    # rows per step, dropout 0, along each path: eager with transformers' checkpointing (what the peer runs),
-    # compiled layers with it, compiled without checkpointing, the default (graphs, checkpointed inside). After 11
-    # steps the paths where the compiler recomputes ended at 11.821 and the others at 11.79 (fourth session's note)
-    tl 90 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off
-    tl 90 tutorial_qlora:rows=4,compile=on,ckpt=on
-    tl 90 tutorial_qlora:rows=4,compile=on,ckpt=off
-    tl 90 tutorial_qlora:rows=4
-    tl $(( $(left) - 3 )) tutorial_qlora:rows=4,ckpt=inside,compile=on,budget=1
+  loss_paths)  # not run yet (no device time left in the fifth session): bench/loss_paths.py at the tutorial's shape
+    # (LoRA, bf16, SDPA). On the CPU (BENCHMARKS.md) the paths' own forwards report different losses after 10 steps
+    # at lr 1e-5, while one float32 forward gives every path's adapters the same loss; this checks that on the GPU
+    timeout $(( $(left) - 3 )) python3 bench/loss_paths.py --device cuda --hidden 2048 --layers 24 --vocab 92544 \
+        --seqlen 1024 --rows 4 --out "$R"
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

@@ -426,6 +426,68 @@ def test_layers_checkpointed_inside_or_recomputed_by_the_compiler_give_eager_gra
             torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)
 
 
+def train_steps(folder: Path, mode: str, dtype: torch.dtype, lr: float = 1e-5) -> tuple[list[float], float]:
+    """8 AdamW steps of LoRA on 4 cycled random batches (the GPU bench's shape of run) along one path; returns
+    each step's loss as that path computed it, and the trained adapters' mean loss over the 4 batches in one
+    float32 eager forward, which is the same for every path."""
+    import torch._functorch.config as functorch_config
+
+    from tunelab.config.schema import TrainSettings
+    from tunelab.model.load import load_model
+    from tunelab.train.optim import build_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 500, (2, 64), generator=gen) for _ in range(4)]
+    torch._dynamo.reset()
+    model = load_model(str(folder), dtype=dtype, device=CPU, quantization="none")
+    model.config.use_cache = False
+    torch.manual_seed(1)
+    model = add_lora(model, LoraSettings(r=16, alpha=16, dropout=0.0, target_modules=ALL_LINEAR))
+    layers = decoder_layers(model.get_base_model())
+    if mode == "inside":
+        checkpoint_inside(layers)
+    skip_lora_input_cast(model)
+    optimizer = build_optimizer(model, TrainSettings(lr=lr), CPU)
+    losses = []
+    with functorch_config.patch(activation_memory_budget=0.0 if mode == "budget0" else 1.0):
+        if mode != "eager":
+            compile_layers(layers)
+        model.train()
+        for step in range(8):
+            ids = batches[step % 4]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        model.float().eval()
+        trained = sum(float(model(input_ids=ids, labels=ids).loss) for ids in batches) / len(batches)
+    torch._dynamo.reset()
+    return losses, trained
+
+
+def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path: Path) -> None:
+    """Not one step: 8 optimizer steps. In float32 every path (compiled layers, checkpointed inside them, the
+    compiler's budget 0) reports eager's loss at every step. In bf16 the losses the paths report drift apart,
+    because each rounds the small LoRA update of the layer outputs at other places (this is the GPU bench's
+    path-dependent loss after 11 steps, 2026-11-26); the adapters they train are still eager's: one float32
+    forward gives them the same loss, far closer than a 1.5x learning rate moves it."""
+    build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
+    ref_losses, ref_trained = train_steps(tmp_path, "eager", torch.float32)
+    assert ref_losses[-1] < ref_losses[3] - 1e-4  # it learns: the 4th batch's loss went down on its 2nd visit
+    for mode in ("compiled", "inside", "budget0"):
+        losses, trained = train_steps(tmp_path, mode, torch.float32)
+        assert losses == pytest.approx(ref_losses, rel=1e-6), mode
+        assert trained == pytest.approx(ref_trained, abs=1e-6), mode
+    _, bf16_ref = train_steps(tmp_path, "eager", torch.bfloat16)
+    for mode in ("compiled", "inside"):
+        _, trained = train_steps(tmp_path, mode, torch.bfloat16)
+        assert abs(trained - bf16_ref) < 5e-6, mode
+    _, faster = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
+    assert abs(faster - bf16_ref) > 1e-4  # the negative control: the check sees a different update
+
 def test_flop_count_of_a_lora_step(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path)
     c = flop_counter(model)
