@@ -343,11 +343,16 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
         --variants cudagraphs:auto,auto:auto lora_cudagraphs
     ;;
-  loss_paths)  # not run yet (no device time left in the fifth session): bench/loss_paths.py at the tutorial's shape
-    # (LoRA, bf16, SDPA). On the CPU (BENCHMARKS.md) the paths' own forwards report different losses after 10 steps
-    # at lr 1e-5, while one float32 forward gives every path's adapters the same loss; this checks that on the GPU
-    timeout $(( $(left) - 3 )) python3 bench/loss_paths.py --device cuda --hidden 2048 --layers 24 --vocab 92544 \
-        --seqlen 1024 --rows 4 --out "$R"
+  loss_paths)  # not run yet (no device time left in the fifth session). First bench/loss_paths.py at the tutorial
+    # model's shape (LoRA, bf16, SDPA): each step's loss through each path's own forward and through shared bf16 and
+    # float32 eager models given the path's adapters (on the CPU the shared forwards agree across paths while the
+    # own ones drift apart, BENCHMARKS.md). Then the bench's own paths step by step: the tutorial QLoRA with 4 rows
+    # eager with transformers' checkpointing (the peer's path), compiled layers with it, the defaults
+    timeout 240 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
+        --vocab 92544 --seqlen 1024 --rows 4 --out "$OUT/$(date +%Y%m%d)_${gpu:-gpu}_loss_paths_shared.jsonl"
+    tl 100 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off,attn=sdpa
+    tl 90 tutorial_qlora:rows=4,compile=on,ckpt=on
+    tl $(( $(left) - 3 )) tutorial_qlora:rows=4
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

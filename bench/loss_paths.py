@@ -1,14 +1,19 @@
 """Why the bench's loss after 11 steps depends on the path (eager, compiled layers, checkpointed inside them).
 
-Each path trains the same random-weight Llama with LoRA (r 64, alpha 16, every linear layer) for 10 AdamW steps at
-the bench's learning rate (1e-5) on 4 cycled batches of random tokens, then computes the next batch's loss three
-ways: through the path's own forward (what the bench reports as its 11th step's loss), through one bf16 eager
-forward shared by every path, and through one float32 forward. If the paths trained the same adapters, the last
-two agree across paths while the first need not. For bf16 paths it also measures how large the trained update of
-the o_proj and down_proj outputs is in bf16 units of those outputs. One JSON line per path, to stdout and --out.
+Each path trains the same random-weight Llama with LoRA (r 64, alpha 16, every linear layer) for 11 AdamW steps at
+the bench's learning rate (1e-5) on 4 cycled batches of random tokens. At every step the batch's loss is taken
+three ways, with the adapters as they are at that step:
+- through the path's own training forward (what the bench reports),
+- through one bf16 eager model shared by every path, and
+- through one float32 eager model shared by every path,
+the last two being separate models that are given the path's LoRA weights before each step. If the paths train
+the same adapters, the shared forwards agree across paths while the path's own need not. For bf16 paths it also
+measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs.
+One JSON line per path, to stdout and --out (which is rewritten).
 
-    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (about a minute on 2 cores)
-    python bench/loss_paths.py --device cuda --hidden 2048 --layers 24 --vocab 92544 --seqlen 1024
+    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (about 40 s on 2 cores)
+    python bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 --vocab 92544 \\
+        --seqlen 1024 --rows 4                      # the tutorial model's shape, recipe `loss_paths`
 """
 
 from __future__ import annotations
@@ -35,26 +40,50 @@ from tunelab.model.load import load_model  # noqa: E402
 from tunelab.train.optim import build_optimizer  # noqa: E402
 
 
-def random_model(folder: Path, hidden: int, layers: int, vocab: int, device: torch.device) -> None:
+def random_model(folder: Path, args: argparse.Namespace) -> None:
+    """Saved in bf16, so that the float32 and bf16 models start from the very same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=hidden // 64,
-                      num_key_value_heads=max(1, hidden // 256), num_hidden_layers=layers, vocab_size=vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 11 // 4,
+                      num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
+                      num_hidden_layers=args.layers, vocab_size=args.vocab, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
     torch.manual_seed(0)
-    with device:
-        LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    with torch.device(args.device):
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(folder))
 
 
-def update_in_bf16_units(model, ids: torch.Tensor, device: torch.device) -> tuple[float, float]:
+def lora_model(folder: Path, dtype: torch.dtype, device: torch.device):
+    model = load_model(str(folder), dtype=dtype, device=device, quantization="none", attn_implementation="sdpa")
+    model.config.use_cache = False
+    torch.manual_seed(1)  # every model gets the same initial adapters
+    return add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=ALL_LINEAR))
+
+
+def autocast(device: torch.device, on: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def shared_loss(reference, trained, ids: torch.Tensor, bf16: bool) -> float:
+    """The batch's loss through an eager reference model given the trained model's LoRA weights."""
+    weights = {name: p for name, p in trained.named_parameters() if "lora_" in name}
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_" in name:
+                p.copy_(weights[name])
+        with autocast(ids.device, bf16):
+            return reference(input_ids=ids, labels=ids).loss.item()
+
+
+def update_in_bf16_units(model, ids: torch.Tensor) -> tuple[float, float]:
     """How large the trained LoRA update of the o_proj and down_proj outputs is next to one bf16 unit of the base
     layer's output there: the median ratio, and the share of outputs where it is below half a unit (where adding
-    it to a bf16 output rounds it away). Medians and shares are averaged over the layers."""
+    it to a bf16 output in bf16 rounds it away); both averaged over the layers."""
     ratios, below = [], []
 
     def measure(module, inputs, _output):
         x = inputs[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(ids.device, True):
             base = module.base_layer(x).float()
             update = (module.lora_B["default"](module.lora_A["default"](x)) * module.scaling["default"]).float()
         unit = (base.abs().clamp_min(1e-30).log2().floor() - 7).exp2()  # bf16 keeps 8 significant bits
@@ -63,23 +92,22 @@ def update_in_bf16_units(model, ids: torch.Tensor, device: torch.device) -> tupl
 
     hooks = [m.register_forward_hook(measure) for name, m in model.named_modules()
              if name.endswith(("o_proj", "down_proj")) and hasattr(m, "lora_B")]
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), autocast(ids.device, True):
         model(input_ids=ids)
     for h in hooks:
         h.remove()
+    if not ratios:
+        return float("nan"), float("nan")
     return sum(ratios) / len(ratios), sum(below) / len(below)
 
 
-def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor]) -> dict:
+def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
+             references: dict[str, torch.nn.Module]) -> dict:
     precision, mode = path.split(":")
     bf16 = precision == "bf16"
     device = torch.device(args.device)
     torch._dynamo.reset()
-    model = load_model(str(folder), dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
-                       quantization="none", attn_implementation="sdpa")
-    model.config.use_cache = False
-    torch.manual_seed(1)
-    model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=ALL_LINEAR))
+    model = lora_model(folder, torch.bfloat16 if bf16 else torch.float32, device)
     layers = decoder_layers(model.get_base_model())
     if mode == "inside":
         checkpoint_inside(layers)
@@ -88,35 +116,25 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
         compile_layers(layers)
     optimizer = build_optimizer(model, TrainSettings(lr=args.lr), device)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
     model.train()
-    losses = []
-    for step in range(10):
+    own, shared_bf16, shared_float32 = [], [], []
+    for step in range(args.steps):
         ids = batches[step % 4]
-        with autocast():
+        # the shared models see the adapters this step's forward trains with, before the update
+        shared_bf16.append(round(shared_loss(references["bf16"], model, ids, bf16=True), 6))
+        shared_float32.append(round(shared_loss(references["float32"], model, ids, bf16=False), 6))
+        with autocast(device, bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(round(float(loss), 6))
-    ids = batches[10 % 4]
-    with torch.no_grad(), autocast():
-        own = float(model(input_ids=ids, labels=ids).loss)
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        with autocast():
-            shared_bf16 = float(model(input_ids=ids, labels=ids).loss)
-    units, below_half = update_in_bf16_units(model, ids, device) if bf16 else (None, None)
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        model.float()
-        float32 = float(model(input_ids=ids, labels=ids).loss)
+        own.append(round(loss.item(), 6))
+    units, below_half = update_in_bf16_units(model, batches[0]) if bf16 else (None, None)
     del model, optimizer
     torch._dynamo.reset()
-    return {"path": path, "losses": losses, "step11_own_forward": round(own, 6),
-            "step11_bf16_eager_forward": round(shared_bf16, 6), "step11_float32_forward": round(float32, 6),
+    return {"path": path, "own_forward": own, "shared_bf16_eager_forward": shared_bf16,
+            "shared_float32_forward": shared_float32,
             "lora_update_in_bf16_units": units and round(units, 3),
             "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}
 
@@ -125,25 +143,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=0, help="default: 11/4 of --hidden")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--paths", nargs="+", default=["f32:eager", "bf16:eager", "bf16:compiled", "bf16:inside"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.device == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(2)  # the figures in BENCHMARKS.md come from a 2-core machine
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.rows, args.seqlen), generator=gen).to(args.device)
-               for _ in range(4)]
+    batches = [torch.randint(0, args.vocab, (args.rows, args.seqlen), generator=gen).to(device) for _ in range(4)]
+    if args.out:
+        args.out.write_text("")
     with tempfile.TemporaryDirectory() as tmp:
-        random_model(Path(tmp), args.hidden, args.layers, args.vocab, torch.device(args.device))
+        random_model(Path(tmp), args)
+        references = {"bf16": lora_model(Path(tmp), torch.bfloat16, device).eval(),
+                      "float32": lora_model(Path(tmp), torch.float32, device).eval()}
         for path in args.paths:
-            line = json.dumps({**run_path(Path(tmp), path, args, batches), "device": args.device,
-                               "shape": f"{args.layers}x{args.hidden}, vocab {args.vocab}", "lr": args.lr,
-                               "torch": torch.__version__})
+            result = run_path(Path(tmp), path, args, batches, references)
+            line = json.dumps({**result, "device": args.device, "lr": args.lr, "torch": torch.__version__,
+                               "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+                                        f"{args.rows}x{args.seqlen} tokens per step"})
             print(line, flush=True)
             if args.out:
                 with args.out.open("a") as f:

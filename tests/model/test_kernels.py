@@ -426,10 +426,11 @@ def test_layers_checkpointed_inside_or_recomputed_by_the_compiler_give_eager_gra
             torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)
 
 
-def train_steps(folder: Path, mode: str, dtype: torch.dtype, lr: float = 1e-5) -> tuple[list[float], float]:
-    """8 AdamW steps of LoRA on 4 cycled random batches (the GPU bench's shape of run) along one path; returns
-    each step's loss as that path computed it, and the trained adapters' mean loss over the 4 batches in one
-    float32 eager forward, which is the same for every path."""
+def train_steps(folder: Path, mode: str, dtype: torch.dtype,
+                lr: float = 1e-5) -> tuple[list[float], float, torch.Tensor]:
+    """8 AdamW steps of LoRA on 4 cycled random batches (the GPU bench's kind of run) along one path; returns
+    each step's loss as that path computed it, the trained adapters' mean loss over the 4 batches in one float32
+    eager forward (the same forward for every path), and the first step's LoRA gradients, flattened."""
     import torch._functorch.config as functorch_config
 
     from tunelab.config.schema import TrainSettings
@@ -447,46 +448,55 @@ def train_steps(folder: Path, mode: str, dtype: torch.dtype, lr: float = 1e-5) -
     if mode == "inside":
         checkpoint_inside(layers)
     skip_lora_input_cast(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, TrainSettings(lr=lr), CPU)
-    losses = []
-    with functorch_config.patch(activation_memory_budget=0.0 if mode == "budget0" else 1.0):
-        if mode != "eager":
-            compile_layers(layers)
-        model.train()
-        for step in range(8):
-            ids = batches[step % 4]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        model.float().eval()
-        trained = sum(float(model(input_ids=ids, labels=ids).loss) for ids in batches) / len(batches)
-    torch._dynamo.reset()
-    return losses, trained
+    losses, first_grads = [], None
+    try:
+        with functorch_config.patch(activation_memory_budget=0.0 if mode == "budget0" else 1.0):
+            if mode != "eager":
+                compile_layers(layers)
+            model.train()
+            for step in range(8):
+                ids = batches[step % 4]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                if first_grads is None:
+                    first_grads = torch.cat([p.grad.flatten() for p in params])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            model.float().eval()
+            trained = sum(model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(batches)
+    finally:
+        torch._dynamo.reset()
+    return losses, trained, first_grads
 
 
 def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path: Path) -> None:
     """Not one step: 8 optimizer steps. In float32 every path (compiled layers, checkpointed inside them, the
-    compiler's budget 0) reports eager's loss at every step. In bf16 the losses the paths report drift apart,
-    because each rounds the small LoRA update of the layer outputs at other places (this is the GPU bench's
-    path-dependent loss after 11 steps, 2026-11-26); the adapters they train are still eager's: one float32
-    forward gives them the same loss, far closer than a 1.5x learning rate moves it."""
-    build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
-    ref_losses, ref_trained = train_steps(tmp_path, "eager", torch.float32)
-    assert ref_losses[-1] < ref_losses[3] - 1e-4  # it learns: the 4th batch's loss went down on its 2nd visit
+    compiler's budget 0) reports eager's loss at every step and trains eager's adapters. In bf16 the losses the
+    paths report drift apart (each rounds a small LoRA update of the layer outputs at other places; the GPU
+    bench's path-dependent loss after 11 steps, 2026-11-26), but the adapters they train are eager's: one float32
+    forward gives them the same loss, far closer than a 1.5x learning rate moves it, and their first gradients
+    are eager's at bf16's precision (AdamW alone would not see a gradient off by a constant factor)."""
+    model = build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path))  # float32 and bf16 runs start from the same weights
+    ref_losses, ref_trained, _ = train_steps(tmp_path, "eager", torch.float32)
+    assert ref_losses[7] < ref_losses[3] - 1e-4  # it learns: the 4th batch's loss went down on its 2nd visit
     for mode in ("compiled", "inside", "budget0"):
-        losses, trained = train_steps(tmp_path, mode, torch.float32)
-        assert losses == pytest.approx(ref_losses, rel=1e-6), mode
-        assert trained == pytest.approx(ref_trained, abs=1e-6), mode
-    _, bf16_ref = train_steps(tmp_path, "eager", torch.bfloat16)
-    for mode in ("compiled", "inside"):
-        _, trained = train_steps(tmp_path, mode, torch.bfloat16)
-        assert abs(trained - bf16_ref) < 5e-6, mode
-    _, faster = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
-    assert abs(faster - bf16_ref) > 1e-4  # the negative control: the check sees a different update
+        losses, trained, _ = train_steps(tmp_path, mode, torch.float32)
+        assert losses == pytest.approx(ref_losses, rel=1e-5), mode
+        assert trained == pytest.approx(ref_trained, abs=1e-5), mode
+    _, bf16_trained, bf16_grads = train_steps(tmp_path, "eager", torch.bfloat16)
+    for mode in ("compiled", "inside", "budget0"):
+        _, trained, grads = train_steps(tmp_path, mode, torch.bfloat16)
+        assert abs(trained - bf16_trained) < 1e-5, mode
+        assert float((grads - bf16_grads).norm() / bf16_grads.norm()) < 2e-2, mode
+    _, faster, _ = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
+    assert abs(faster - bf16_trained) > 1e-4  # the negative control: the check sees a different update
+
 
 def test_flop_count_of_a_lora_step(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path)
