@@ -348,7 +348,7 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     # float32 eager models given the path's adapters (on the CPU the shared forwards agree across paths while the
     # own ones drift apart, BENCHMARKS.md). Then the bench's own paths step by step: the tutorial QLoRA with 4 rows
     # eager with transformers' checkpointing (the peer's path), compiled layers with it, the defaults
-    timeout 240 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
+    timeout 300 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
         --vocab 92544 --seqlen 1024 --rows 4 --out "$OUT/$(date +%Y%m%d)_${gpu:-gpu}_loss_paths_shared.jsonl"
     tl 100 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off,attn=sdpa
     tl 90 tutorial_qlora:rows=4,compile=on,ckpt=on

@@ -8,10 +8,11 @@ three ways, with the adapters as they are at that step:
 - through one float32 eager model shared by every path,
 the last two being separate models that are given the path's LoRA weights before each step. If the paths train
 the same adapters, the shared forwards agree across paths while the path's own need not. For bf16 paths it also
-measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs.
-One JSON line per path, to stdout and --out (which is rewritten).
+measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs, and
+for every path how far its trained LoRA A and B matrices are from the baseline's.
+The last path is a control: eager bf16 at 1.5x the learning rate. One JSON line per path, to stdout and --out (which is rewritten).
 
-    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (about 40 s on 2 cores)
+    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (about 20 s on 2 cores)
     python bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 --vocab 92544 \\
         --seqlen 1024 --rows 4                      # the tutorial model's shape, recipe `loss_paths`
 """
@@ -67,18 +68,21 @@ def autocast(device: torch.device, on: bool):
 def shared_loss(reference, trained, ids: torch.Tensor, bf16: bool) -> float:
     """The batch's loss through an eager reference model given the trained model's LoRA weights."""
     weights = {name: p for name, p in trained.named_parameters() if "lora_" in name}
+    copied = set()
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if "lora_" in name:
                 p.copy_(weights[name])
-        with autocast(ids.device, bf16):
-            return reference(input_ids=ids, labels=ids).loss.item()
+                copied.add(name)
+    assert copied == set(weights), "the reference model lacks some of the trained LoRA weights"
+    with torch.no_grad(), autocast(ids.device, bf16):
+        return reference(input_ids=ids, labels=ids).loss.item()
 
 
 def update_in_bf16_units(model, ids: torch.Tensor) -> tuple[float, float]:
     """How large the trained LoRA update of the o_proj and down_proj outputs is next to one bf16 unit of the base
-    layer's output there: the median ratio, and the share of outputs where it is below half a unit (where adding
-    it to a bf16 output in bf16 rounds it away); both averaged over the layers."""
+    layer's output there: each layer's median ratio, and the share of outputs where it is below half a unit (where
+    adding it to a bf16 output in bf16 rounds it away); both averaged over the layers."""
     ratios, below = [], []
 
     def measure(module, inputs, _output):
@@ -97,13 +101,13 @@ def update_in_bf16_units(model, ids: torch.Tensor) -> tuple[float, float]:
     for h in hooks:
         h.remove()
     if not ratios:
-        return float("nan"), float("nan")
+        return None, None
     return sum(ratios) / len(ratios), sum(below) / len(below)
 
 
 def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
              references: dict[str, torch.nn.Module]) -> dict:
-    precision, mode = path.split(":")
+    precision, mode, *lr_scale = path.split(":")
     bf16 = precision == "bf16"
     device = torch.device(args.device)
     torch._dynamo.reset()
@@ -114,7 +118,7 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
     skip_lora_input_cast(model)
     if mode != "eager":
         compile_layers(layers)
-    optimizer = build_optimizer(model, TrainSettings(lr=args.lr), device)
+    optimizer = build_optimizer(model, TrainSettings(lr=args.lr * float(lr_scale[0] if lr_scale else 1)), device)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     own, shared_bf16, shared_float32 = [], [], []
@@ -131,12 +135,21 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
         optimizer.zero_grad(set_to_none=True)
         own.append(round(loss.item(), 6))
     units, below_half = update_in_bf16_units(model, batches[0]) if bf16 else (None, None)
+    adapters = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if "lora_" in name}
     del model, optimizer
     torch._dynamo.reset()
     return {"path": path, "own_forward": own, "shared_bf16_eager_forward": shared_bf16,
             "shared_float32_forward": shared_float32,
             "lora_update_in_bf16_units": units and round(units, 3),
-            "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}
+            "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}, adapters
+
+
+def distance(adapters: dict, baseline: dict, initial: dict, which: str) -> float:
+    """How far a path's trained LoRA `which` matrices are from the baseline path's, next to how far training moved
+    the baseline's adapters (A and B together)."""
+    apart = sum(float((adapters[n] - baseline[n]).norm() ** 2) for n in baseline if which in n) ** 0.5
+    moved = sum(float((baseline[n] - initial[n]).norm() ** 2) for n in baseline) ** 0.5
+    return apart / moved
 
 
 def main() -> None:
@@ -150,11 +163,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--paths", nargs="+", default=["f32:eager", "bf16:eager", "bf16:compiled", "bf16:inside"])
+    ap.add_argument("--paths", nargs="+", default=["f32:eager", "bf16:eager", "bf16:compiled", "bf16:inside",
+                                                   "bf16:eager:1.5"],
+                    help="precision:path[:lr scale]; the last default is the control, at 1.5x the learning rate")
+    ap.add_argument("--baseline", default="bf16:eager", help="the path whose adapters the later ones are measured "
+                    "against (in parameters, as a share of how far training moved the baseline's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)  # the figures in BENCHMARKS.md come from a 2-core machine
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32 on a GPU
+    torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab, (args.rows, args.seqlen), generator=gen).to(device) for _ in range(4)]
@@ -164,15 +183,27 @@ def main() -> None:
         random_model(Path(tmp), args)
         references = {"bf16": lora_model(Path(tmp), torch.bfloat16, device).eval(),
                       "float32": lora_model(Path(tmp), torch.float32, device).eval()}
+        initial = {name: p.detach().float().cpu().clone() for name, p in references["float32"].named_parameters()
+                   if "lora_" in name}
+        trained, results = {}, []
         for path in args.paths:
-            result = run_path(Path(tmp), path, args, batches, references)
-            line = json.dumps({**result, "device": args.device, "lr": args.lr, "torch": torch.__version__,
-                               "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
-                                        f"{args.rows}x{args.seqlen} tokens per step"})
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+            result, trained[path] = run_path(Path(tmp), path, args, batches, references)
+            results.append(result)
+            print(f"{path}: done", file=sys.stderr, flush=True)
+    for result in results:  # every path against the baseline's adapters, once all have trained
+        baseline = trained.get(args.baseline)
+        if baseline is not None:
+            for which in ("lora_A", "lora_B"):
+                result[f"{which}_apart_from_baseline"] = round(distance(trained[result["path"]], baseline, initial,
+                                                                        which), 4)
+        line = json.dumps({**result, "baseline": args.baseline, "device": args.device, "lr": args.lr,
+                           "torch": torch.__version__,
+                           "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+                                    f"{args.rows}x{args.seqlen} tokens per step"})
+        print(line, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
 
 
 if __name__ == "__main__":
