@@ -1,6 +1,7 @@
 """How each forward responds to a small LoRA update: the float32 reference, eager bf16, compiled layers (bf16).
 
-Trains LoRA in float32 for 10 steps at lr 1e-5 as bench/loss_paths.py does (its model and batches), then:
+Trains LoRA in float32 for 10 steps at lr 1e-5 as bench/loss_paths.py does (its model and batches; 10 updates,
+as its 11th step's forward sees them), then:
 - the loss change the trained adapters make on batch 2, with LoRA B scaled by 0.5, 1 and 2 (B = 0 is the
   starting point), through each forward: float32's is linear in the scale; a bf16 forward's shows what it keeps;
 - in the first decoder layer, the change the adapters make to the layer's output: its projection on float32's
@@ -109,7 +110,10 @@ def main() -> None:
                 compile_layers(decoder_layers(model.get_base_model()))
             forwards.append((name, model, True))
         for name, model, bf16 in forwards:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             change = first_layer_change(model, trained, batches[2], bf16)
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+            assert compiled == ("compiled" in name), f"{name}: the layer ran {'compiled' if compiled else 'eagerly'}"
             projection = float((change * reference_change).sum() / (reference_change ** 2).sum())
             noise = float((change - projection * reference_change).norm() / reference_change.norm())
             line = json.dumps({"forward": name, "loss_change_by_scale_of_B": loss_response(model, trained,

@@ -8,11 +8,12 @@ three ways, with the adapters as they are at that step:
 - through one float32 eager model shared by every path,
 the last two being separate models that are given the path's LoRA weights before each step. If the paths train
 the same adapters, the shared forwards agree across paths while the path's own need not. For bf16 paths it also
-measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs, and
-for every path how far its trained LoRA A and B matrices are from the baseline's.
-The last path is a control: eager bf16 at 1.5x the learning rate. One JSON line per path, to stdout and --out (which is rewritten).
+measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs.
+Every model starts from the same adapters; once all paths have trained, a second line per path says how far apart
+training moved its LoRA A and B matrices and the baseline path's (eager bf16). The last path is a control: eager
+bf16 at 1.5x the learning rate. JSON lines to stdout and --out (which is rewritten).
 
-    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (about 20 s on 2 cores)
+    python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (23 s on 2 cores)
     python bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 --vocab 92544 \\
         --seqlen 1024 --rows 4                      # the tutorial model's shape, recipe `loss_paths`
 """
@@ -57,8 +58,15 @@ def random_model(folder: Path, args: argparse.Namespace) -> None:
 def lora_model(folder: Path, dtype: torch.dtype, device: torch.device):
     model = load_model(str(folder), dtype=dtype, device=device, quantization="none", attn_implementation="sdpa")
     model.config.use_cache = False
-    torch.manual_seed(1)  # every model gets the same initial adapters
-    return add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=ALL_LINEAR))
+    torch.manual_seed(1)
+    model = add_lora(model, LoraSettings(r=64, alpha=16, dropout=0.0, target_modules=ALL_LINEAR))
+    # peft rounds a new adapter through its base layer's dtype (bf16 here) before tunelab makes it float32 again:
+    # the float32 models start from the same rounded values, so that every model starts from the same adapters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    return model
 
 
 def autocast(device: torch.device, on: bool):
@@ -109,16 +117,18 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
              references: dict[str, torch.nn.Module]) -> dict:
     precision, mode, *lr_scale = path.split(":")
     bf16 = precision == "bf16"
+    lr = args.lr * float(lr_scale[0] if lr_scale else 1)
     device = torch.device(args.device)
     torch._dynamo.reset()
     model = lora_model(folder, torch.bfloat16 if bf16 else torch.float32, device)
+    initial = lora_weights(model)
     layers = decoder_layers(model.get_base_model())
     if mode == "inside":
         checkpoint_inside(layers)
     skip_lora_input_cast(model)
     if mode != "eager":
         compile_layers(layers)
-    optimizer = build_optimizer(model, TrainSettings(lr=args.lr * float(lr_scale[0] if lr_scale else 1)), device)
+    optimizer = build_optimizer(model, TrainSettings(lr=lr), device)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     own, shared_bf16, shared_float32 = [], [], []
@@ -135,21 +145,24 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
         optimizer.zero_grad(set_to_none=True)
         own.append(round(loss.item(), 6))
     units, below_half = update_in_bf16_units(model, batches[0]) if bf16 else (None, None)
-    adapters = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if "lora_" in name}
+    moved = {name: p - initial[name] for name, p in lora_weights(model).items()}
     del model, optimizer
     torch._dynamo.reset()
-    return {"path": path, "own_forward": own, "shared_bf16_eager_forward": shared_bf16,
+    return {"path": path, "lr": lr, "own_forward": own, "shared_bf16_eager_forward": shared_bf16,
             "shared_float32_forward": shared_float32,
             "lora_update_in_bf16_units": units and round(units, 3),
-            "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}, adapters
+            "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}, moved
 
 
-def distance(adapters: dict, baseline: dict, initial: dict, which: str) -> float:
-    """How far a path's trained LoRA `which` matrices are from the baseline path's, next to how far training moved
-    the baseline's adapters (A and B together)."""
-    apart = sum(float((adapters[n] - baseline[n]).norm() ** 2) for n in baseline if which in n) ** 0.5
-    moved = sum(float((baseline[n] - initial[n]).norm() ** 2) for n in baseline) ** 0.5
-    return apart / moved
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def distance(moved: dict, baseline: dict, which: str) -> float:
+    """How far apart training moved a path's LoRA `which` matrices and the baseline path's, next to how far it
+    moved the baseline's `which` matrices."""
+    apart = sum(float((moved[n] - baseline[n]).norm() ** 2) for n in baseline if which in n) ** 0.5
+    return apart / sum(float(baseline[n].norm() ** 2) for n in baseline if which in n) ** 0.5
 
 
 def main() -> None:
@@ -183,27 +196,26 @@ def main() -> None:
         random_model(Path(tmp), args)
         references = {"bf16": lora_model(Path(tmp), torch.bfloat16, device).eval(),
                       "float32": lora_model(Path(tmp), torch.float32, device).eval()}
-        initial = {name: p.detach().float().cpu().clone() for name, p in references["float32"].named_parameters()
-                   if "lora_" in name}
-        trained, results = {}, []
+        moved = {}
         for path in args.paths:
-            result, trained[path] = run_path(Path(tmp), path, args, batches, references)
-            results.append(result)
-            print(f"{path}: done", file=sys.stderr, flush=True)
-    for result in results:  # every path against the baseline's adapters, once all have trained
-        baseline = trained.get(args.baseline)
-        if baseline is not None:
-            for which in ("lora_A", "lora_B"):
-                result[f"{which}_apart_from_baseline"] = round(distance(trained[result["path"]], baseline, initial,
-                                                                        which), 4)
-        line = json.dumps({**result, "baseline": args.baseline, "device": args.device, "lr": args.lr,
-                           "torch": torch.__version__,
-                           "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
-                                    f"{args.rows}x{args.seqlen} tokens per step"})
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+            result, moved[path] = run_path(Path(tmp), path, args, batches, references)
+            write(args.out, {**result, "device": args.device, "torch": torch.__version__,
+                             "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+                                      f"{args.rows}x{args.seqlen} tokens per step"})
+    baseline = moved.get(args.baseline)
+    if baseline is not None:  # once every path has trained: how far apart training moved their adapters
+        for path in args.paths:
+            write(args.out, {"path": path, "baseline": args.baseline,
+                             **{f"{which}_moved_apart_from_baseline": round(distance(moved[path], baseline, which), 4)
+                                for which in ("lora_A", "lora_B")}})
+
+
+def write(out: Path | None, record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -430,8 +430,9 @@ def train_steps(folder: Path, mode: str, dtype: torch.dtype,
                 lr: float = 1e-5) -> tuple[list[float], float, dict[str, torch.Tensor]]:
     """8 AdamW steps of LoRA on 4 cycled random batches (the GPU bench's kind of run) along one path; returns
     each step's loss as that path computed it, the trained adapters' mean loss over the 4 batches in one float32
-    eager forward (the same forward for every path), and the LoRA gradients of the first step (B's: A's are zero
-    while B is) and of the second (A's), each flattened."""
+    eager forward (the same forward for every path), and, flattened: the LoRA gradients of the first step ("B":
+    A's are zero while B is) and of the second ("A"), and how far training moved the A and B matrices
+    ("moved A", "moved B")."""
     import torch._functorch.config as functorch_config
 
     from tunelab.config.schema import TrainSettings
@@ -451,6 +452,7 @@ def train_steps(folder: Path, mode: str, dtype: torch.dtype,
         checkpoint_inside(layers)
     skip_lora_input_cast(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    initial = {n: p.detach().clone() for n, p in named}
     optimizer = build_optimizer(model, TrainSettings(lr=lr), CPU)
     losses, grads = [], {}
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -472,6 +474,9 @@ def train_steps(folder: Path, mode: str, dtype: torch.dtype,
                 losses.append(loss.item())
         compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
         assert compiled == (mode != "eager"), f"{mode}: the layers ran {'compiled' if compiled else 'eagerly'}"
+        for which in ("A", "B"):
+            grads[f"moved {which}"] = torch.cat([(p.detach() - initial[n]).flatten() for n, p in named
+                                                 if f"lora_{which}" in n])
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             model.float().eval()
             trained = sum(model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(batches)
@@ -485,9 +490,9 @@ def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path:
     compiler's budget 0) reports eager's loss at every step and trains eager's adapters. In bf16 the losses the
     paths report drift apart (each rounds a small LoRA update of the layer outputs at other places; the GPU
     bench's path-dependent loss after 11 steps, 2026-11-26), but the adapters they train are eager's: one float32
-    forward gives them the same loss, far closer than a 1.5x learning rate moves it, and their gradients of the
-    first two steps (LoRA B's, then A's) are eager's at bf16's precision: AdamW alone would hide a gradient off by
-    a constant factor."""
+    forward gives them the same loss, far closer than a 1.5x learning rate moves it, training moves their LoRA
+    matrices where it moves eager's, and their gradients of the first two steps (LoRA B's, then A's) are eager's
+    at bf16's precision: AdamW alone would hide a gradient off by a constant factor."""
     model = build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
     model.to(torch.bfloat16).save_pretrained(str(tmp_path))  # float32 and bf16 runs start from the same weights
     ref_losses, ref_trained, _ = train_steps(tmp_path, "eager", torch.float32)
@@ -496,17 +501,26 @@ def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path:
         losses, trained, _ = train_steps(tmp_path, mode, torch.float32)
         assert losses == pytest.approx(ref_losses, rel=1e-5), mode
         assert trained == pytest.approx(ref_trained, abs=1e-5), mode
-    _, bf16_trained, bf16_grads = train_steps(tmp_path, "eager", torch.bfloat16)
+    _, bf16_trained, bf16 = train_steps(tmp_path, "eager", torch.bfloat16)
+
+    def apart(ours: dict, which: str) -> float:
+        return float((ours[which] - bf16[which]).norm() / bf16[which].norm())
+
     for mode in ("compiled", "inside", "budget0"):
-        _, trained, grads = train_steps(tmp_path, mode, torch.bfloat16)
+        _, trained, ours = train_steps(tmp_path, mode, torch.bfloat16)
         assert abs(trained - bf16_trained) < 1e-5, mode
         # A's gradient passes through B, still near zero after one step: bf16 gets it to about 6% (eager's own
-        # against float32's too), B's to about 0.6%; a gradient off by a constant factor is off by 50% or more
+        # against float32's too), B's to about 0.6%, which also catches a B gradient off by a constant factor
         for which, tolerance in (("B", 2e-2), ("A", 0.2)):
-            error = (grads[which] - bf16_grads[which]).norm() / bf16_grads[which].norm()
-            assert float(error) < tolerance, (mode, which, float(error))
-    _, faster, _ = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
-    assert abs(faster - bf16_trained) > 1e-4  # the negative control: the check sees a different update
+            assert apart(ours, which) < tolerance, (mode, which, apart(ours, which))
+        # the adapters themselves, which the loss above sees only faintly through A (B is still small): training
+        # moved them where it moved eager's, to about 7% (A) and 3% (B); 1.5x the learning rate is 50% off
+        for which in ("moved A", "moved B"):
+            assert apart(ours, which) < 0.2, (mode, which, apart(ours, which))
+    _, faster, control = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
+    # the negative control: the checks see a different update
+    assert abs(faster - bf16_trained) > 1e-4
+    assert apart(control, "moved A") > 0.3 and apart(control, "moved B") > 0.3
 
 
 def test_flop_count_of_a_lora_step(tmp_path: Path) -> None:
