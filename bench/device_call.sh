@@ -345,13 +345,15 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     ;;
   loss_paths)  # not run yet (no device time left in the fifth session). First bench/loss_paths.py at the tutorial
     # model's shape (LoRA, bf16, SDPA): each step's loss through each path's own forward and through shared bf16 and
-    # float32 eager models given the path's adapters (on the CPU the shared forwards agree across paths while the
-    # own ones drift apart, BENCHMARKS.md). Then the bench's own paths step by step: the tutorial QLoRA with 4 rows
-    # eager with transformers' checkpointing (the peer's path), compiled layers with it, the defaults
-    timeout 300 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
-        --vocab 92544 --seqlen 1024 --rows 4 --out "$OUT/$(date +%Y%m%d)_${gpu:-gpu}_loss_paths_shared.jsonl"
-    tl 100 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off,attn=sdpa
-    tl 90 tutorial_qlora:rows=4,compile=on,ckpt=on
+    # float32 eager models given the path's adapters, and how far apart training moved the paths' adapters (on the
+    # CPU the adapters stay together while the own forwards drift apart, BENCHMARKS.md); here also CUDA graphs.
+    # Then the bench's own tutorial QLoRA step by step: eager with transformers' checkpointing (the peer's path),
+    # compiled layers with it (the GPU's lowest loss), the defaults
+    timeout 400 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
+        --vocab 92544 --seqlen 1024 --rows 4 --out "$OUT/$(date +%Y%m%d)_${gpu:-gpu}_loss_paths_shared.jsonl" \
+        --paths bf16:eager bf16:ckpt bf16:graphs bf16:inside bf16:compiled f32:eager bf16:eager:1.5
+    tl 60 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off,attn=sdpa
+    tl 60 tutorial_qlora:rows=4,compile=on,ckpt=on
     tl $(( $(left) - 3 )) tutorial_qlora:rows=4
     ;;
   *) echo "unknown call $call"; exit 2;;

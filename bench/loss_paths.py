@@ -9,9 +9,9 @@ three ways, with the adapters as they are at that step:
 the last two being separate models that are given the path's LoRA weights before each step. If the paths train
 the same adapters, the shared forwards agree across paths while the path's own need not. For bf16 paths it also
 measures how large the trained update of the o_proj and down_proj outputs is in bf16 units of those outputs.
-Every model starts from the same adapters; once all paths have trained, a second line per path says how far apart
-training moved its LoRA A and B matrices and the baseline path's (eager bf16). The last path is a control: eager
-bf16 at 1.5x the learning rate. JSON lines to stdout and --out (which is rewritten).
+Every model starts from the same adapters; after each path's line, a second line says how far apart training moved
+its LoRA A and B matrices and the baseline path's (eager bf16). The last path is a control: eager bf16 at 1.5x the
+learning rate. JSON lines to stdout and --out (which is rewritten).
 
     python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (23 s on 2 cores)
     python bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 --vocab 92544 \\
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tunelab.config.schema import ALL_LINEAR, LoraSettings, TrainSettings  # noqa: E402
-from tunelab.model.adapters import add_lora  # noqa: E402
+from tunelab.model.adapters import add_lora, enable_checkpointing  # noqa: E402
 from tunelab.model.kernels import (  # noqa: E402
     checkpoint_inside,
     compile_layers,
@@ -125,9 +125,11 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
     layers = decoder_layers(model.get_base_model())
     if mode == "inside":
         checkpoint_inside(layers)
+    elif mode == "ckpt":  # transformers' checkpointing around the compiled layers (the bench's ckpt=on,compile=on)
+        enable_checkpointing(model.get_base_model())
     skip_lora_input_cast(model)
     if mode != "eager":
-        compile_layers(layers)
+        compile_layers(layers, mode="reduce-overhead" if mode == "graphs" else None)  # graphs: CUDA only
     optimizer = build_optimizer(model, TrainSettings(lr=lr), device)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -176,9 +178,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--paths", nargs="+", default=["f32:eager", "bf16:eager", "bf16:compiled", "bf16:inside",
-                                                   "bf16:eager:1.5"],
-                    help="precision:path[:lr scale]; the last default is the control, at 1.5x the learning rate")
+    ap.add_argument("--paths", nargs="+", default=["bf16:eager", "bf16:compiled", "bf16:inside", "bf16:ckpt",
+                                                   "f32:eager", "bf16:eager:1.5"],
+                    help="precision:path[:lr scale]. Paths: eager, compiled (compiled layers), inside (checkpointed "
+                         "inside them), ckpt (transformers' checkpointing around them), graphs (compiled layers with "
+                         "CUDA graphs, GPU only). The baseline comes first, so that every later path's distance "
+                         "line is written as it finishes; the last default is the control, at 1.5x the lr")
     ap.add_argument("--baseline", default="bf16:eager", help="the path whose adapters the later ones are measured "
                     "against (in parameters, as a share of how far training moved the baseline's)")
     ap.add_argument("--out", type=Path)
@@ -202,12 +207,12 @@ def main() -> None:
             write(args.out, {**result, "device": args.device, "torch": torch.__version__,
                              "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
                                       f"{args.rows}x{args.seqlen} tokens per step"})
-    baseline = moved.get(args.baseline)
-    if baseline is not None:  # once every path has trained: how far apart training moved their adapters
-        for path in args.paths:
-            write(args.out, {"path": path, "baseline": args.baseline,
-                             **{f"{which}_moved_apart_from_baseline": round(distance(moved[path], baseline, which), 4)
-                                for which in ("lora_A", "lora_B")}})
+            baseline = moved.get(args.baseline)
+            if baseline is not None:  # how far apart training moved this path's adapters and the baseline's
+                write(args.out, {"path": path, "baseline": args.baseline,
+                                 **{f"{which}_moved_apart_from_baseline": round(distance(moved[path], baseline,
+                                                                                         which), 4)
+                                    for which in ("lora_A", "lora_B")}})
 
 
 def write(out: Path | None, record: dict) -> None:

@@ -488,11 +488,11 @@ def train_steps(folder: Path, mode: str, dtype: torch.dtype,
 def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path: Path) -> None:
     """Not one step: 8 optimizer steps. In float32 every path (compiled layers, checkpointed inside them, the
     compiler's budget 0) reports eager's loss at every step and trains eager's adapters. In bf16 the losses the
-    paths report drift apart (each rounds a small LoRA update of the layer outputs at other places; the GPU
-    bench's path-dependent loss after 11 steps, 2026-11-26), but the adapters they train are eager's: one float32
-    forward gives them the same loss, far closer than a 1.5x learning rate moves it, training moves their LoRA
-    matrices where it moves eager's, and their gradients of the first two steps (LoRA B's, then A's) are eager's
-    at bf16's precision: AdamW alone would hide a gradient off by a constant factor."""
+    paths report drift apart (the GPU bench's path-dependent loss after 11 steps, 2026-11-26: each bf16 forward
+    shows a still-small LoRA update in its own way, BENCHMARKS.md), but the adapters they train are eager's: one
+    float32 forward gives them the same loss, far closer than a 1.5x learning rate moves it, training moves their
+    LoRA matrices where it moves eager's, and their gradients of the first two steps (LoRA B's, then A's) are
+    eager's at bf16's precision: AdamW alone would hide a gradient off by a constant factor."""
     model = build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
     model.to(torch.bfloat16).save_pretrained(str(tmp_path))  # float32 and bf16 runs start from the same weights
     ref_losses, ref_trained, _ = train_steps(tmp_path, "eager", torch.float32)
@@ -514,7 +514,7 @@ def test_every_compiled_path_trains_the_eager_adapters_over_many_steps(tmp_path:
         for which, tolerance in (("B", 2e-2), ("A", 0.2)):
             assert apart(ours, which) < tolerance, (mode, which, apart(ours, which))
         # the adapters themselves, which the loss above sees only faintly through A (B is still small): training
-        # moved them where it moved eager's, to about 7% (A) and 3% (B); 1.5x the learning rate is 50% off
+        # moved them where it moved eager's, to about 7% (A) and 2.5% (B); 1.5x the learning rate is 50% off
         for which in ("moved A", "moved B"):
             assert apart(ours, which) < 0.2, (mode, which, apart(ours, which))
     _, faster, control = train_steps(tmp_path, "eager", torch.bfloat16, lr=1.5e-5)
