@@ -114,7 +114,8 @@ def update_in_bf16_units(model, ids: torch.Tensor) -> tuple[float, float]:
 
 
 def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
-             references: dict[str, torch.nn.Module]) -> dict:
+             references: dict[str, torch.nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One path's run: its JSON record, and how far training moved each of its LoRA weights."""
     precision, mode, *lr_scale = path.split(":")
     bf16 = precision == "bf16"
     lr = args.lr * float(lr_scale[0] if lr_scale else 1)
