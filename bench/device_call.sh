@@ -343,7 +343,22 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
         --variants cudagraphs:auto,auto:auto lora_cudagraphs
     ;;
-  loss_paths)  # not run yet (no device time left in the fifth session). First bench/loss_paths.py at the tutorial
+  x2_qlora_graphs)  # nvidia-h100-x2: the tutorial's QLoRA through `tunelab train` (4 micro-batches of one 1,024-token
+    # row per process and step): one GPU with the defaults (CUDA graphs), then DDP on 2 GPUs with graphs asked for
+    # against the defaults there (plain compiled layers: "auto" takes no graphs with several processes)
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 15 --log-interval 5 \
+        --variants auto:auto qlora_cudagraphs
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
+        --variants cudagraphs:auto,auto:auto qlora_cudagraphs
+    ;;
+  x2_ddp_auto)  # nvidia-h100-x2, after x2_qlora_graphs: "auto" now takes CUDA graphs under DDP (not under FSDP2);
+    # the defaults on 2 GPUs for the tutorial's QLoRA (as x2_qlora_graphs) and the 1.8B LoRA (as x2_graphs)
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
+        --variants auto:auto qlora_cudagraphs
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
+        --variants auto:auto lora_cudagraphs
+    ;;
+  loss_paths)  # ran in the sixth session (BENCHMARKS.md, top section). First bench/loss_paths.py at the tutorial
     # model's shape (LoRA, bf16, SDPA): each step's loss through each path's own forward and through shared bf16 and
     # float32 eager models given the path's adapters, and how far apart training moved the paths' adapters (on the
     # CPU the adapters stay together while the own forwards drift apart, BENCHMARKS.md); here also CUDA graphs.
@@ -355,6 +370,16 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     tl 60 tutorial_qlora:rows=4,compile=off,ckpt=on,liger=off,attn=sdpa
     tl 60 tutorial_qlora:rows=4,compile=on,ckpt=on
     tl $(( $(left) - 3 )) tutorial_qlora:rows=4
+    ;;
+  loss_paths_probe)  # after loss_paths (2026-11-26, H100): there every path's adapters agreed while compiled layers'
+    # own bf16 loss fell 4-7x as fast as float32's. Is it state the model keeps (the path's model run eagerly, a
+    # fresh model given the adapters), a held-out batch too, and does Inductor rounding where eager rounds
+    # (emulate_precision_casts) give eager's loss? Then the bench's tutorial QLoRA with that setting
+    timeout 330 python3 bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 \
+        --vocab 92544 --seqlen 1024 --rows 4 --probe --out "$OUT/$(date +%Y%m%d)_${gpu:-gpu}_loss_paths_probe_shared.jsonl" \
+        --paths bf16:eager bf16:compiled bf16:emulated bf16:ckpt bf16:inside f32:eager
+    TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1 tl 70 tutorial_qlora:rows=4,compile=on,ckpt=on
+    TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1 tl $(( $(left) - 3 )) tutorial_qlora:rows=4
     ;;
   *) echo "unknown call $call"; exit 2;;
 esac

@@ -16,6 +16,9 @@ learning rate. JSON lines to stdout and --out (which is rewritten).
     python bench/loss_paths.py                      # the CPU run in BENCHMARKS.md (23 s on 2 cores)
     python bench/loss_paths.py --device cuda --hidden 2048 --intermediate 8192 --layers 24 --vocab 92544 \\
         --seqlen 1024 --rows 4                      # the tutorial model's shape, recipe `loss_paths`
+
+--probe adds, per step, the path's own model run eagerly and a held-out batch, and at the end a freshly built model
+of the path given the trained adapters (recipe `loss_paths_probe`, with the path `emulated`).
 """
 
 from __future__ import annotations
@@ -113,16 +116,9 @@ def update_in_bf16_units(model, ids: torch.Tensor) -> tuple[float, float]:
     return sum(ratios) / len(ratios), sum(below) / len(below)
 
 
-def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
-             references: dict[str, torch.nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One path's run: its JSON record, and how far training moved each of its LoRA weights."""
-    precision, mode, *lr_scale = path.split(":")
-    bf16 = precision == "bf16"
-    lr = args.lr * float(lr_scale[0] if lr_scale else 1)
-    device = torch.device(args.device)
-    torch._dynamo.reset()
+def path_model(folder: Path, mode: str, bf16: bool, device: torch.device):
+    """A path's model in training mode: LoRA, then the path's checkpointing and compilation."""
     model = lora_model(folder, torch.bfloat16 if bf16 else torch.float32, device)
-    initial = lora_weights(model)
     layers = decoder_layers(model.get_base_model())
     if mode == "inside":
         checkpoint_inside(layers)
@@ -131,29 +127,79 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
     skip_lora_input_cast(model)
     if mode != "eager":
         compile_layers(layers, mode="reduce-overhead" if mode == "graphs" else None)  # graphs: CUDA only
+    return model.train()
+
+
+def training_forward(model, ids: torch.Tensor, bf16: bool) -> torch.Tensor:
+    with autocast(ids.device, bf16):
+        return model(input_ids=ids, labels=ids).loss
+
+
+def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
+             references: dict[str, torch.nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One path's run: its JSON record, and how far training moved each of its LoRA weights. Mode "emulated" is
+    compiled layers with Inductor's emulate_precision_casts (its fused kernels round where eager rounds)."""
+    import torch._inductor.config as inductor_config
+
+    emulate = inductor_config.emulate_precision_casts
+    inductor_config.emulate_precision_casts = path.split(":")[1] == "emulated"
+    try:
+        return train_path(folder, path, args, batches, references)
+    finally:
+        inductor_config.emulate_precision_casts = emulate
+        torch._dynamo.reset()
+
+
+def train_path(folder: Path, path: str, args: argparse.Namespace, batches: list[torch.Tensor],
+               references: dict[str, torch.nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
+    precision, mode, *lr_scale = path.split(":")
+    bf16 = precision == "bf16"
+    lr = args.lr * float(lr_scale[0] if lr_scale else 1)
+    device = torch.device(args.device)
+    torch._dynamo.reset()
+    model = path_model(folder, mode, bf16, device)
+    initial = lora_weights(model)
     optimizer = build_optimizer(model, TrainSettings(lr=lr), device)
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    own, shared_bf16, shared_float32 = [], [], []
+    record: dict = {"path": path, "lr": lr, "own_forward": [], "shared_bf16_eager_forward": [],
+                    "shared_float32_forward": []}
+    if args.probe:
+        record |= {"own_forward_forced_eager": [], "heldout_own_forward": [], "heldout_shared_float32_forward": []}
+    heldout = batches[4]
     for step in range(args.steps):
         ids = batches[step % 4]
         # the shared models see the adapters this step's forward trains with, before the update
-        shared_bf16.append(round(shared_loss(references["bf16"], model, ids, bf16=True), 6))
-        shared_float32.append(round(shared_loss(references["float32"], model, ids, bf16=False), 6))
-        with autocast(device, bf16):
-            loss = model(input_ids=ids, labels=ids).loss
+        record["shared_bf16_eager_forward"].append(round(shared_loss(references["bf16"], model, ids, True), 6))
+        record["shared_float32_forward"].append(round(shared_loss(references["float32"], model, ids, False), 6))
+        if args.probe:  # the path's own model run eagerly (does it hold state the adapters do not?), and a batch
+            # it never trains on, through its own training forward (no backward) and the float32 model
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                record["own_forward_forced_eager"].append(round(training_forward(model, ids, bf16).item(), 6))
+            record["heldout_own_forward"].append(round(training_forward(model, heldout, bf16).item(), 6))
+            record["heldout_shared_float32_forward"].append(
+                round(shared_loss(references["float32"], model, heldout, False), 6))
+        loss = training_forward(model, ids, bf16)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        own.append(round(loss.item(), 6))
+        record["own_forward"].append(round(loss.item(), 6))
     units, below_half = update_in_bf16_units(model, batches[0]) if bf16 else (None, None)
-    moved = {name: p - initial[name] for name, p in lora_weights(model).items()}
-    del model, optimizer
-    torch._dynamo.reset()
-    return {"path": path, "lr": lr, "own_forward": own, "shared_bf16_eager_forward": shared_bf16,
-            "shared_float32_forward": shared_float32,
-            "lora_update_in_bf16_units": units and round(units, 3),
+    trained = lora_weights(model)
+    moved = {name: p - initial[name] for name, p in trained.items()}
+    if args.probe:  # the trained model's own forward on batch 0, and a freshly built one's given its adapters
+        record["trained_batch0_own_forward"] = round(training_forward(model, batches[0], bf16).item(), 6)
+        del model, optimizer
+        fresh = path_model(folder, mode, bf16, device)
+        with torch.no_grad():
+            for name, p in fresh.named_parameters():
+                if "lora_" in name:
+                    p.copy_(trained[name])
+        record["fresh_model_batch0_own_forward"] = round(training_forward(fresh, batches[0], bf16).item(), 6)
+        del fresh
+    else:
+        del model, optimizer
+    return {**record, "lora_update_in_bf16_units": units and round(units, 3),
             "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}, moved
 
 
@@ -182,11 +228,14 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["bf16:eager", "bf16:compiled", "bf16:inside", "bf16:ckpt",
                                                    "f32:eager", "bf16:eager:1.5"],
                     help="precision:path[:lr scale]. Paths: eager, compiled (compiled layers), inside (checkpointed "
-                         "inside them), ckpt (transformers' checkpointing around them), graphs (compiled layers with "
-                         "CUDA graphs, GPU only). The baseline comes first, so that every later path's distance "
+                         "inside them), ckpt (transformers' checkpointing around them), emulated (compiled layers "
+                         "rounding where eager rounds), graphs (compiled layers with CUDA graphs, GPU only). The baseline comes first, so that every later path's distance "
                          "line is written as it finishes; the last default is the control, at 1.5x the lr")
     ap.add_argument("--baseline", default="bf16:eager", help="the path whose adapters the later ones are measured "
                     "against (in parameters, as a share of how far training moved the baseline's)")
+    ap.add_argument("--probe", action="store_true", help="also, at each step, the path's own model run eagerly "
+                    "and a held-out batch's loss (own forward, float32 model); at the end, a freshly built model of "
+                    "the path given the trained adapters")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.device == "cpu":
@@ -195,7 +244,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.rows, args.seqlen), generator=gen).to(device) for _ in range(4)]
+    # four cycled training batches, then a held-out one (--probe); the first four are those of earlier runs
+    batches = [torch.randint(0, args.vocab, (args.rows, args.seqlen), generator=gen).to(device) for _ in range(5)]
     if args.out:
         args.out.write_text("")
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +254,12 @@ def main() -> None:
                       "float32": lora_model(Path(tmp), torch.float32, device).eval()}
         moved = {}
         for path in args.paths:
-            result, moved[path] = run_path(Path(tmp), path, args, batches, references)
+            try:
+                result, moved[path] = run_path(Path(tmp), path, args, batches, references)
+            except Exception as err:  # one path's failure (CUDA graphs, say) keeps the later paths' lines
+                write(args.out, {"path": path, "error": f"{type(err).__name__}: {err}"[:500]})
+                torch._dynamo.reset()
+                continue
             write(args.out, {**result, "device": args.device, "torch": torch.__version__,
                              "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
                                       f"{args.rows}x{args.seqlen} tokens per step"})

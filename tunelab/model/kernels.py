@@ -96,19 +96,19 @@ def liger_available() -> bool:
 
 def prepare_for_training(model: Any, settings: Any, device: torch.device, tokens_per_micro_batch: int,
                          memory_budget: float | None = None, free: float | None = None,
-                         wrapped: bool = False, packed: bool = True) -> SpeedPlan:
+                         sharded: bool = False, packed: bool = True) -> SpeedPlan:
     """Apply the speed settings of `settings` (config.schema.ModelSettings) to a model that already has its
     adapters (or is fully trainable). Call once, before the optimizer is built and before model.train().
     `memory_budget` (0..1, compiled layers only) lets the compiler recompute activations to save memory.
     `free`: the memory left for activations (default: `free_memory` here); several processes pass the same
-    number, since the plan decides which collectives a sharded step makes. `wrapped`: the model will be sharded or
-    trained by several processes; `packed`: rows are packed to the maximum length (both for choose_cudagraphs)."""
+    number, since the plan decides which collectives a sharded step makes. `sharded`: FSDP2 will shard the
+    weights; `packed`: rows are packed to the maximum length (both for choose_cudagraphs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     plan = SpeedPlan(attention=getattr(base.config, "_attn_implementation", "sdpa"))
     layers = decoder_layers(base)
     free = free_memory(model, device) if free is None else free
-    graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, wrapped, packed)
+    graphs = choose_cudagraphs(settings, model, device, tokens_per_micro_batch, free, sharded, packed)
     plan.checkpointing = choose_checkpointing(settings, model, device, tokens_per_micro_batch, free)
     if plan.checkpointing == "offload" and not layers:  # nothing to offload layer by layer
         from tunelab import ui
@@ -187,18 +187,19 @@ def _decoder(model: Any) -> torch.nn.Module:
 
 
 def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: int, free: float,
-                      wrapped: bool = False, packed: bool = True) -> bool:
-    """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: one unsharded process
-    on a GPU, packed rows (every micro-batch is padded to the full length, so that the graphs replay one shape) of
-    up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the graphs
-    can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
+                      sharded: bool = False, packed: bool = True) -> bool:
+    """CUDA graphs where asked, or where "auto" finds a launch-bound LoRA or NF4 QLoRA step: a GPU, weights that
+    are not sharded, packed rows (every micro-batch is padded to the full length, so that the graphs replay one
+    shape) of up to CUDAGRAPHS_MAX_TOKENS per micro-batch, checkpointing not asked for, an attention whose mask the
+    graphs can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
     them: each layer's input plus one layer's recompute, checkpointed_bytes; LoRA, or gradient_checkpointing:
-    false, all) well inside free memory. Sharded or
-    several-process runs keep plain compiled layers: graphs under DDP's and FSDP's hooks have not been measured,
-    nor full fine-tuning, DoRA, int8 or torchao's NF4 weights."""
+    false, all) well inside free memory. Several processes under DDP take them too (tutorial QLoRA on 2 GPUs:
+    6.7x the plain compiled layers' tokens/s, the same losses; BENCHMARKS.md); runs whose weights FSDP2 shards keep
+    plain compiled layers, as do full fine-tuning, DoRA, int8 and torchao's NF4 weights (none of them measured
+    with graphs)."""
     if settings.compile == "cudagraphs":
         return True
-    if settings.compile != "auto" or device.type != "cuda" or wrapped:
+    if settings.compile != "auto" or device.type != "cuda" or sharded:
         return False
     if settings.lora is None or settings.lora.use_dora or settings.quantization not in ("none", "nf4") \
             or (settings.quantization == "nf4" and settings.nf4_format == "torchao"):

@@ -213,7 +213,7 @@ def _build_model(cfg: Config, par: Parallel, model_path: str, dtype: torch.dtype
     # Every process plans from the tightest one's free memory: the plan decides a sharded step's collectives.
     free = parallel.min_over_ranks(free_memory(model, par.device), par)
     speed = prepare_for_training(model, cfg.model, par.device, cfg.train.batch_size * cfg.data.max_length,
-                                 free=free, wrapped=par.enabled or par.shards,
+                                 free=free, sharded=par.shards,
                                  packed=cfg.data.pack_to_max_length)
     # e.g. bf16 or Liger on one node only, or files that differ between nodes
     parallel.check_same("settings", f"{dtype}, {f'nf4 {nf4}, ' if nf4 else ''}{speed.describe()}", par)
