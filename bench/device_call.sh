@@ -358,6 +358,13 @@ s.write_config(w, s.make_model('1_8b', root), s.make_data(root), lora=True, rows
     timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 2 --steps 15 --log-interval 5 \
         --variants auto:auto lora_cudagraphs
     ;;
+  one_gpu_zero2)  # one GPU: the tutorial's command as XTuner prints it, `--deepspeed deepspeed_zero2` in one process
+    # (one-process FSDP2 until the sixth session: nothing to shard, and no CUDA graphs), against the defaults
+    timeout 200 python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 15 --log-interval 5 \
+        --variants auto:auto --strategy zero2 qlora_cudagraphs
+    timeout $(( $(left) - 3 )) python3 bench/scaling.py --root "$M" --out "$R" --gpus 1 --steps 15 --log-interval 5 \
+        --variants auto:auto qlora_cudagraphs
+    ;;
   loss_paths)  # ran in the sixth session (BENCHMARKS.md, top section). First bench/loss_paths.py at the tutorial
     # model's shape (LoRA, bf16, SDPA): each step's loss through each path's own forward and through shared bf16 and
     # float32 eager models given the path's adapters, and how far apart training moved the paths' adapters (on the

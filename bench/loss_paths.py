@@ -141,8 +141,8 @@ def run_path(folder: Path, path: str, args: argparse.Namespace, batches: list[to
     compiled layers with Inductor's emulate_precision_casts (its fused kernels round where eager rounds)."""
     import torch._inductor.config as inductor_config
 
-    emulate = inductor_config.emulate_precision_casts
-    inductor_config.emulate_precision_casts = path.split(":")[1] == "emulated"
+    emulate = inductor_config.emulate_precision_casts  # TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1 sets it for all
+    inductor_config.emulate_precision_casts = emulate or path.split(":")[1] == "emulated"
     try:
         return train_path(folder, path, args, batches, references)
     finally:
@@ -190,6 +190,7 @@ def train_path(folder: Path, path: str, args: argparse.Namespace, batches: list[
     if args.probe:  # the trained model's own forward on batch 0, and a freshly built one's given its adapters
         record["trained_batch0_own_forward"] = round(training_forward(model, batches[0], bf16).item(), 6)
         del model, optimizer
+        torch._dynamo.reset()  # compiled anew too
         fresh = path_model(folder, mode, bf16, device)
         with torch.no_grad():
             for name, p in fresh.named_parameters():
@@ -229,8 +230,9 @@ def main() -> None:
                                                    "f32:eager", "bf16:eager:1.5"],
                     help="precision:path[:lr scale]. Paths: eager, compiled (compiled layers), inside (checkpointed "
                          "inside them), ckpt (transformers' checkpointing around them), emulated (compiled layers "
-                         "rounding where eager rounds), graphs (compiled layers with CUDA graphs, GPU only). The baseline comes first, so that every later path's distance "
-                         "line is written as it finishes; the last default is the control, at 1.5x the lr")
+                         "rounding where eager rounds), graphs (compiled layers with CUDA graphs, GPU only). The "
+                         "baseline comes first, so that every later path's distance line is written as it finishes; "
+                         "the last default is the control, at 1.5x the lr")
     ap.add_argument("--baseline", default="bf16:eager", help="the path whose adapters the later ones are measured "
                     "against (in parameters, as a share of how far training moved the baseline's)")
     ap.add_argument("--probe", action="store_true", help="also, at each step, the path's own model run eagerly "
@@ -252,13 +254,13 @@ def main() -> None:
         random_model(Path(tmp), args)
         references = {"bf16": lora_model(Path(tmp), torch.bfloat16, device).eval(),
                       "float32": lora_model(Path(tmp), torch.float32, device).eval()}
-        moved = {}
+        moved, failed = {}, []
         for path in args.paths:
             try:
                 result, moved[path] = run_path(Path(tmp), path, args, batches, references)
             except Exception as err:  # one path's failure (CUDA graphs, say) keeps the later paths' lines
                 write(args.out, {"path": path, "error": f"{type(err).__name__}: {err}"[:500]})
-                torch._dynamo.reset()
+                failed.append(path)
                 continue
             write(args.out, {**result, "device": args.device, "torch": torch.__version__,
                              "shape": f"{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
@@ -269,6 +271,9 @@ def main() -> None:
                                  **{f"{which}_moved_apart_from_baseline": round(distance(moved[path], baseline,
                                                                                          which), 4)
                                     for which in ("lora_A", "lora_B")}})
+    if failed:  # the lines of the paths that ran are written; the run as a whole did not succeed
+        sys.exit(f"failed: {', '.join(failed)}" + (f" (the baseline {args.baseline}: no distance lines)"
+                                                   if args.baseline in failed else ""))
 
 
 def write(out: Path | None, record: dict) -> None:

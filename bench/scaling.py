@@ -262,8 +262,9 @@ def qlora(root: Path, gpus: list[int], steps: int, emit, shape: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case: str, gpus: int = 1) -> None:
-    """CUDA graphs through `tunelab train` on `gpus` GPUs (DDP), 4 micro-batches of one row per step and process:
+def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case: str, gpus: int = 1,
+                   strategy: str = "ddp") -> None:
+    """CUDA graphs through `tunelab train` on `gpus` GPUs (`strategy`), 4 micro-batches of one row per step and process:
     the tutorial's QLoRA (qlora_cudagraphs, 1,024-token rows) or 1.8B LoRA (lora_cudagraphs, 4,096-token rows);
     `variants` lists model.compile:model.attn_implementation pairs, the one under test first."""
     quantization, length = {"qlora_cudagraphs": ("nf4", 1024), "lora_cudagraphs": ("none", 4096)}[case]
@@ -274,8 +275,9 @@ def cudagraphs_cli(root: Path, steps: int, emit, shape: str, variants: str, case
         shutil.rmtree(work, ignore_errors=True)
         cfg = write_config(work, model, data, lora=True, rows=1, accum=4, steps=steps, max_length=length,
                            quantization=quantization, compile=compile_mode, attn_implementation=attn)
-        r = launch(cfg, work, gpus, "ddp", timeout=300)
-        emit(per_gpu({**r, "case": case, "compile": compile_mode, "attn": attn, "gpus": gpus}, gpus))
+        r = launch(cfg, work, gpus, strategy, timeout=300)
+        emit(per_gpu({**r, "case": case, "compile": compile_mode, "attn": attn, "gpus": gpus, "strategy": strategy},
+                     gpus))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -352,6 +354,8 @@ def main() -> None:
     ap.add_argument("--shape", default="1_8b", help="lora_1_8b, qlora_1_8b and nodes: the model shape (tiny: a CPU smoke test)")
     ap.add_argument("--variants", default="cudagraphs:auto,auto:auto",
                     help="qlora_cudagraphs, lora_cudagraphs: model.compile:model.attn_implementation pairs, comma-separated")
+    ap.add_argument("--strategy", default="ddp", help="qlora_cudagraphs, lora_cudagraphs: the runs' --deepspeed "
+                    "strategy (ddp: none)")
     ap.add_argument("--log-interval", type=int, default=1, help="the runs' runtime.log_interval (1: every step)")
     ap.add_argument("--save-steps", type=int, default=10_000, help="the runs' runtime.save_steps (a checkpoint's "
                     "cost: each step's rate is reported)")
@@ -385,7 +389,7 @@ def main() -> None:
         elif case == "qlora_1_8b":
             qlora(root, gpus, a.steps, emit, a.shape)
         elif case in ("qlora_cudagraphs", "lora_cudagraphs"):
-            cudagraphs_cli(root, a.steps, emit, a.shape, a.variants, case, max(gpus))
+            cudagraphs_cli(root, a.steps, emit, a.shape, a.variants, case, max(gpus), a.strategy)
         elif case == "qlora_70b":
             qlora_70b(root, gpus, 6, emit)
         else:

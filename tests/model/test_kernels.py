@@ -94,7 +94,7 @@ def test_auto_checkpointing_follows_memory_and_qlora_always_checkpoints(tmp_path
         assert choice(ModelSettings(path="x", gradient_checkpointing=value), 10**7) == expected
 
 
-def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_in_one_process(tmp_path: Path) -> None:
+def test_auto_takes_cuda_graphs_for_short_lora_and_qlora_micro_batches_with_unsharded_weights(tmp_path: Path) -> None:
     model = tiny_lora(tmp_path, layers=8)
     cuda, free = torch.device("cuda"), 1e9  # the choice only reads the device type: no GPU needed here
 
@@ -587,31 +587,28 @@ def test_the_compile_cache_lives_under_tunelab_even_after_torch_chose_its_own(tm
 def test_compiled_bf16_paths_train_as_eager_where_the_compiler_rounds_where_eager_rounds(tmp_path: Path) -> None:
     """Why the bf16 paths above report different losses: Inductor's fused kernels keep float32 values where eager
     rounds to bf16 (torch's default, emulate_precision_casts off). With rounding emulated, every compiled path's
-    first forward is eager's bit for bit, its first LoRA B gradient too, and after 8 steps its losses and adapters
-    are eager's to within a tenth of what they are without (observed: losses within 4e-5 against 9e-4; adapters
-    0.13% apart against 7% and 2.5%). So the paths differ by where they round, not by what they compute (on an H100,
-    at the tutorial model's shape, the setting gives eager's loss within 8.3e-4 at every step, against 0.066
-    without: BENCHMARKS.md)."""
+    losses over 8 steps, its gradients and the adapters it trains come to within a tenth of their distance from
+    eager's without it (observed on the dev machine: the first loss and LoRA B gradient equal eager's; losses within
+    4e-5 against 9e-4; adapters 0.08-0.13% apart against 2.5-7%). So
+    the paths differ by where they round, not by what they compute (on an H100, at the tutorial model's shape, the
+    setting gives eager's loss within 8.3e-4 at every step, against 0.066 without: BENCHMARKS.md)."""
     from torch._inductor import config as inductor_config
 
     model = build_tiny_model(tmp_path, vocab_size=500, layers=2, hidden=128, kv_heads=4)
     model.to(torch.bfloat16).save_pretrained(str(tmp_path))
     eager_losses, _, eager = train_steps(tmp_path, "eager", torch.bfloat16)
 
-    def apart(ours: dict, which: str) -> float:
-        return float((ours[which] - eager[which]).norm() / eager[which].norm())
+    def distances(losses: list[float], grads: dict) -> dict[str, float]:
+        out = {"losses": max(abs(a - b) for a, b in zip(losses, eager_losses))}
+        for which in ("A", "B", "moved A", "moved B"):  # the first two steps' gradients, the adapters' displacement
+            out[which] = float((grads[which] - eager[which]).norm() / eager[which].norm())
+        return out
 
-    def worst(losses: list[float]) -> float:
-        return max(abs(a - b) for a, b in zip(losses, eager_losses))
-
+    plain = distances(*train_steps(tmp_path, "compiled", torch.bfloat16)[::2])
+    # without it the paths part
+    assert plain["losses"] > 1e-4 and all(plain[which] > 1e-3 for which in ("A", "B", "moved A", "moved B")), plain
     for mode in ("compiled", "inside", "budget0"):
         with inductor_config.patch(emulate_precision_casts=True):
-            losses, _, ours = train_steps(tmp_path, mode, torch.bfloat16)
-        assert losses[0] == eager_losses[0] and torch.equal(ours["B"], eager["B"]), mode
-        assert worst(losses) < 1e-4, (mode, worst(losses))
-        for which in ("A", "moved A", "moved B"):
-            assert apart(ours, which) < 0.01, (mode, which, apart(ours, which))
-    # the negative control: without it the same checks fail
-    losses, _, ours = train_steps(tmp_path, "compiled", torch.bfloat16)
-    assert losses[0] != eager_losses[0] and worst(losses) > 1e-4
-    assert apart(ours, "moved A") > 0.01 and apart(ours, "moved B") > 0.01
+            emulated = distances(*train_steps(tmp_path, mode, torch.bfloat16)[::2])
+        for key, value in emulated.items():
+            assert value < plain[key] / 10, (mode, key, value, plain[key])

@@ -1,11 +1,13 @@
 """What each process of a sharded run chooses for speed, when the processes see different free memory:
 
-    torchrun --nproc_per_node 2 tests/train/speed_plans.py CONFIG OUT_DIR [--bf16-on-rank-1]
+    torchrun --nproc_per_node 2 tests/train/speed_plans.py CONFIG OUT_DIR [--bf16-on-rank-1] [--strategy NAME]
 
 Rank 0 sees plenty of host memory, the others almost none (as when rank 0 alone holds the weights, or another
 program takes memory while the run starts). Each process builds the model as a run does and writes the speed
 plan it chose, or the error that stopped it, to OUT_DIR/rank<N>.txt. --bf16-on-rank-1: rank 1 computes in
-bfloat16 (as on a node whose hardware lacks what the others have).
+bfloat16 (as on a node whose hardware lacks what the others have). --strategy: train.strategy (default zero3).
+Each process also writes OUT_DIR/rank<N>.sharded: whether the set-up told the speed plan that the weights are
+sharded.
 """
 
 import sys
@@ -17,7 +19,7 @@ import torch
 from tunelab.config.load import load_config
 from tunelab.errors import TrainingError
 from tunelab.model.load import resolve_model_path
-from tunelab.train import parallel
+from tunelab.train import parallel, setup
 from tunelab.train.log import RunLogger
 from tunelab.train.setup import _build_model
 
@@ -30,9 +32,17 @@ def _seen(rank: int):
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1], ["train.strategy=zero3", "model.gradient_checkpointing=auto"])
+    strategy = sys.argv[sys.argv.index("--strategy") + 1] if "--strategy" in sys.argv else "zero3"
+    cfg = load_config(sys.argv[1], [f"train.strategy={strategy}", "model.gradient_checkpointing=auto"])
     out = Path(sys.argv[2])
     par = parallel.setup(cfg.train.strategy, torch.device("cpu"))
+    plan = setup.prepare_for_training
+
+    def heard(*args, **kwargs):
+        (out / f"rank{par.rank}.sharded").write_text(str(kwargs["sharded"]))
+        return plan(*args, **kwargs)
+
+    setup.prepare_for_training = heard
     psutil.virtual_memory = _seen(par.rank)
     dtype = torch.bfloat16 if par.rank == 1 and "--bf16-on-rank-1" in sys.argv else torch.float32
     try:

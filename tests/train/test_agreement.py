@@ -13,6 +13,17 @@ def test_processes_seeing_different_free_memory_choose_the_same_checkpointing(tm
     plans = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     # rank 1 has no room to keep the activations: every process checkpoints as rank 1 must
     assert plans[0] == plans[1] == "sdpa, activation checkpointing offloaded to CPU, tiled MLP"
+    assert [(tmp_path / f"rank{r}.sharded").read_text() for r in range(2)] == ["True", "True"]  # zero3
+
+
+def test_ddp_processes_plan_for_unsharded_weights(tmp_path, tiny_model_dir):
+    """Several DDP processes hold whole weights: their speed plan may take CUDA graphs (one GPU's rules)."""
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(4))
+    cfg = tiny_config(tmp_path, tiny_model_dir, data)
+    res = torchrun(2, str(ROOT / "tests" / "train" / "speed_plans.py"), str(cfg), str(tmp_path), "--strategy", "ddp",
+                   timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.sharded").read_text() for r in range(2)] == ["False", "False"]
 
 
 def test_processes_that_still_choose_differently_are_refused_with_one_line(tmp_path, tiny_model_dir):

@@ -207,6 +207,41 @@ def test_xtuner_strategy_names_are_the_config_key(base, given, name):
     assert load_config(cfg, [f"train.strategy={given}"]).train.strategy == name
 
 
+def test_the_tutorials_zero2_on_one_gpu_trains_as_the_plain_run(base):
+    """XTuner's one-GPU tutorial passes --deepspeed deepspeed_zero2 without a launcher. zero2 keeps the parameters
+    whole, so one process has nothing to shard: it trains as the plain run (which keeps CUDA graphs on a GPU;
+    one-process FSDP2 was 8.7x slower there), says so, and its continue-with command keeps the flag."""
+    tmp, cfg, refs = base
+    work = tmp / "zero2_one"
+    res = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work), "--deepspeed",
+                          "deepspeed_zero2"], capture_output=True, text=True, timeout=300, env=env(), check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = log_text(work)
+    assert "strategy zero2 over 1 process (one process: nothing to shard, trained as the plain run)" in log
+    assert_same_losses(runs_of(work), runs_of(refs["lora"].work_dir))
+    # zero3 gathers each layer as it runs and the offload strategies move state to the CPU: those still shard
+    from tunelab.train.parallel import Parallel
+
+    assert [Parallel(s).shards for s in ("ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")] == \
+        [False, False, False, True, True, True]
+    assert [Parallel(s, world_size=2).shards for s in ("ddp", "zero1", "zero2", "zero3")] == [False, True, True, True]
+
+
+def test_the_speed_plan_hears_whether_the_weights_are_sharded(base, monkeypatch):
+    """CUDA graphs are planned for unsharded weights only (one process or DDP): the set-up tells the plan whether
+    FSDP2 shards them, not whether several processes run."""
+    from tunelab.train import setup
+
+    tmp, cfg, _ = base
+    seen = []
+    plan = setup.prepare_for_training
+    monkeypatch.setattr(setup, "prepare_for_training", lambda *a, **k: seen.append(k["sharded"]) or plan(*a, **k))
+    for strategy in ("zero2", "zero3"):  # one process: zero2 shards nothing, zero3 gathers each layer as it runs
+        train(load_config(cfg, [f"train.strategy={strategy}", "train.max_steps=1"]), "tiny",
+              work_dir=tmp / f"plan_{strategy}")
+    assert seen == [False, True]
+
+
 def test_an_unknown_strategy_lists_the_valid_ones(base):
     _, cfg, _ = base
     with pytest.raises(ConfigError, match=r"train\.strategy: unknown strategy 'zero4'; valid: ddp, zero1, zero2, "

@@ -69,7 +69,7 @@ class ModelSettings(Section):
     # Liger fused kernels (GPU only, needs liger-kernel): fused linear cross-entropy, RMSNorm, RoPE, SwiGLU.
     use_liger: bool | Literal["auto"] = "auto"
     # torch.compile of each decoder layer ("auto": on a GPU, with CUDA graphs for LoRA and QLoRA micro-batches of up
-    # to 4,096 tokens in one process); "cudagraphs" asks for CUDA graphs everywhere (layers that need
+    # to 4,096 tokens where the weights are not sharded); "cudagraphs" asks for CUDA graphs everywhere (layers that need
     # checkpointing checkpoint inside their compiled region).
     compile: bool | Literal["auto", "cudagraphs"] = "auto"
     revision: str | None = None

@@ -8,12 +8,12 @@ Every setting defaults to "auto", and on a GPU "auto" is the fast path (BENCHMAR
   SwiGLU kernels where the layers are not compiled (compile fuses those itself);
 - each decoder layer compiled by torch.compile, once for all layers, with the compile cache kept under
   ~/.cache/tunelab so a second run starts fast;
-- CUDA graphs on top for LoRA and QLoRA micro-batches of up to 4,096 tokens in one process, whose steps are
-  many short kernels launched one by one (the low-rank matmuls of every layer; 4-bit dequantisation). LoRA
-  keeps its activations there; QLoRA (memory first) checkpoints inside the compiled layers, a recompute the
-  graphs replay with the forward's dropout masks. Flex attention's block mask stays in the same tensors from
-  one micro-batch to the next
-  (model/block_mask.py; where a model's mask is not plain causal, SDPA, whose mask the graphs copy in);
+- CUDA graphs on top for LoRA and QLoRA micro-batches of up to 4,096 tokens with unsharded weights (one
+  process or DDP), whose steps are many short kernels launched one by one (the low-rank matmuls of every layer;
+  4-bit dequantisation). LoRA keeps its activations there; QLoRA (memory first) checkpoints inside the compiled
+  layers, a recompute the graphs replay with the forward's dropout masks. Flex attention's block mask stays in
+  the same tensors from one micro-batch to the next (model/block_mask.py; where a model's mask is not plain
+  causal, SDPA, whose mask the graphs copy in);
 - activation checkpointing only where needed: for the other QLoRA runs (their point is memory), else when the
   estimated activations of one micro-batch would not fit; checkpointed layer inputs go to CPU memory (and the MLP
   runs in tiles) when even checkpointing would not fit, for rows of 100k+ tokens.
@@ -194,7 +194,7 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     graphs can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
     them: each layer's input plus one layer's recompute, checkpointed_bytes; LoRA, or gradient_checkpointing:
     false, all) well inside free memory. Several processes under DDP take them too (tutorial QLoRA on 2 GPUs:
-    6.7x the plain compiled layers' tokens/s, the same losses; BENCHMARKS.md); runs whose weights FSDP2 shards keep
+    6.7x the plain compiled layers' tokens/s, losses within 1.1e-4 relative; BENCHMARKS.md); runs whose weights FSDP2 shards keep
     plain compiled layers, as do full fine-tuning, DoRA, int8 and torchao's NF4 weights (none of them measured
     with graphs)."""
     if settings.compile == "cudagraphs":

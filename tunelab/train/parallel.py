@@ -65,7 +65,12 @@ class Parallel:
 
     @property
     def shards(self) -> bool:
-        return self.strategy.startswith("zero")
+        """FSDP2 shards the model: under zero3 and the offload strategies always, under zero1 and zero2 across
+        several processes only. Those two keep the parameters whole, so in one process they would shard nothing
+        and the plain run is the same training, faster: XTuner's one-GPU tutorial passes --deepspeed
+        deepspeed_zero2, and one-process FSDP2 ran its QLoRA at 1/8.7 of the plain run's speed and 1.6x its
+        memory on an H100 (BENCHMARKS.md)."""
+        return self.strategy.startswith("zero") and (self.enabled or self.offload or self.strategy.startswith("zero3"))
 
     @property
     def offload(self) -> bool:
@@ -107,6 +112,8 @@ class Parallel:
 
     def describe(self) -> str:
         how = STRATEGIES[self.strategy] if (self.shards or self.enabled) else "one process"
+        if self.strategy != "ddp" and not self.shards:
+            how = "one process: nothing to shard, trained as the plain run"
         return f"strategy {self.strategy} over {self.world_size} process{'es' if self.enabled else ''} ({how})"
 
 
