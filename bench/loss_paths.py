@@ -200,7 +200,10 @@ def train_path(folder: Path, path: str, args: argparse.Namespace, batches: list[
         del fresh
     else:
         del model, optimizer
-    return {**record, "lora_update_in_bf16_units": units and round(units, 3),
+    import torch._inductor.config as inductor_config
+
+    return {**record, "emulate_precision_casts": inductor_config.emulate_precision_casts,
+            "lora_update_in_bf16_units": units and round(units, 3),
             "share_of_outputs_update_below_half_unit": below_half and round(below_half, 3)}, moved
 
 
@@ -240,6 +243,13 @@ def main() -> None:
                     "the path given the trained adapters")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    for path in args.paths:
+        precision, mode, *_ = path.split(":") + [""]
+        if precision not in ("bf16", "f32") or mode not in ("eager", "compiled", "inside", "ckpt", "emulated", "graphs"):
+            ap.error(f"unknown path {path}: precision bf16 or f32, then eager, compiled, inside, ckpt, emulated or "
+                     "graphs")
+    if args.paths[0] != args.baseline:
+        ap.error(f"--baseline {args.baseline} must be the first of --paths (the later paths are measured against it)")
     if args.device == "cpu":
         torch.set_num_threads(2)  # the figures in BENCHMARKS.md come from a 2-core machine
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32 on a GPU

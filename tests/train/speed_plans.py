@@ -1,4 +1,5 @@
-"""What each process of a sharded run chooses for speed, when the processes see different free memory:
+"""What each process of a several-process run (zero3 by default) chooses for speed, when the processes see
+different free memory:
 
     torchrun --nproc_per_node 2 tests/train/speed_plans.py CONFIG OUT_DIR [--bf16-on-rank-1] [--strategy NAME]
 

@@ -24,6 +24,7 @@ def test_ddp_processes_plan_for_unsharded_weights(tmp_path, tiny_model_dir):
                    timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.sharded").read_text() for r in range(2)] == ["False", "False"]
+    assert not any((tmp_path / f"rank{r}.txt").read_text().startswith("error") for r in range(2))
 
 
 def test_processes_that_still_choose_differently_are_refused_with_one_line(tmp_path, tiny_model_dir):

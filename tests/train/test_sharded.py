@@ -208,19 +208,22 @@ def test_xtuner_strategy_names_are_the_config_key(base, given, name):
 
 
 def test_the_tutorials_zero2_on_one_gpu_trains_as_the_plain_run(base):
-    """XTuner's one-GPU tutorial passes --deepspeed deepspeed_zero2 without a launcher. zero2 keeps the parameters
-    whole, so one process has nothing to shard: it trains as the plain run (which keeps CUDA graphs on a GPU;
-    one-process FSDP2 was 8.7x slower there), says so, and its continue-with command keeps the flag."""
+    """XTuner's one-GPU tutorial passes --deepspeed deepspeed_zero2 without a launcher. In one process FSDP2 has
+    nothing to split, so it trains as the plain run (which keeps CUDA graphs on a GPU; one-process FSDP2 was 8.7x
+    slower there), says so, and its continue-with command keeps the flag."""
     tmp, cfg, refs = base
     work = tmp / "zero2_one"
     res = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work), "--deepspeed",
                           "deepspeed_zero2"], capture_output=True, text=True, timeout=300, env=env(), check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     log = log_text(work)
-    assert "strategy zero2 over 1 process (one process: nothing to shard, trained as the plain run)" in log
+    assert "strategy zero2 over 1 process (nothing to shard in one process: trains as the plain run)" in log
     assert_same_losses(runs_of(work), runs_of(refs["lora"].work_dir))
-    # zero3 gathers each layer as it runs and the offload strategies move state to the CPU: those still shard
+    from tunelab.train.loop import _resume_hint
     from tunelab.train.parallel import Parallel
+
+    assert _resume_hint("cfg.py", [], work, Parallel("zero2")).endswith(f"--work-dir {work} --deepspeed zero2 --resume")
+    # the offload strategies keep state in CPU memory; zero3 still runs FSDP2 in one process, with a warning
 
     assert [Parallel(s).shards for s in ("ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")] == \
         [False, False, False, True, True, True]
@@ -311,7 +314,7 @@ def test_optimizer_state_too_large_to_gather_is_saved_in_shards(base):
     assert res.returncode == 0, res.stderr[-4000:]
     assert_same_losses(runs_of(resumed), ref[2:])
     with pytest.raises(CheckpointError, match=r"holds its optimizer state in 2 shards .*: resume it with 2 processes "
-                                              r"and a zero strategy \(this run: 1, zero3\)"):
+                                              r"and a zero strategy \(this run: 1 process, zero3\)"):
         train(load_config(cfg, ["train.strategy=zero3", *FULL]), "tiny", work_dir=tmp / "dcp_one",
               resume=str(ckpt))
 
@@ -342,7 +345,13 @@ def test_a_sharded_optimizer_state_in_several_files_resumes_and_a_lost_file_is_o
 def test_offloaded_checkpointing_under_zero3_gives_the_one_process_losses(base):
     """The long-row memory path (layer inputs kept on the CPU, recomputed in backward) inside FSDP2's layers."""
     tmp, cfg, refs = base
+    from tunelab import ui
+
+    warned = ui.warning_counts["one_process_zero3"]
     res = train(load_config(cfg, ["train.strategy=zero3", "model.gradient_checkpointing=offload"]), "tiny",
                 work_dir=tmp / "z3_offload")
     assert "activation checkpointing offloaded to CPU" in log_text(res.work_dir)
+    # one process: FSDP2 still runs, and the user hears (once per process) that the plain run is faster
+    assert ui.warning_counts["one_process_zero3"] == warned + 1
+    assert "strategy zero3 in one process has nothing to split and runs slower" in ui._warning_text["one_process_zero3"]
     assert_same_losses(runs_of(res.work_dir), runs_of(refs["lora"].work_dir))

@@ -7,7 +7,8 @@ tensors, gloo for CPU ones) and trains on its share of every optimizer step's ro
 
 - ddp: DistributedDataParallel around the loss module; every process holds the whole model and optimizer state.
 - zero1/zero2: FSDP2 (`fully_shard`) with reshard_after_forward=False: the parameters are gathered at a step's first
-  forward and kept until its last backward; gradients are reduced once per step; optimizer state is sharded.
+  forward and kept until its last backward; gradients are reduced once per step; optimizer state is sharded. In
+  one process (no torchrun) there is nothing to split: they train as the plain run.
 - zero3: FSDP2 gathers each decoder layer just before it runs and frees it after; gradients are reduce-scattered
   every micro-batch, so no process ever holds a full set of them.
 - *_offload: as above with CPUOffloadPolicy: sharded parameters, gradients and optimizer state live in CPU memory
@@ -66,10 +67,10 @@ class Parallel:
     @property
     def shards(self) -> bool:
         """FSDP2 shards the model: under zero3 and the offload strategies always, under zero1 and zero2 across
-        several processes only. Those two keep the parameters whole, so in one process they would shard nothing
-        and the plain run is the same training, faster: XTuner's one-GPU tutorial passes --deepspeed
-        deepspeed_zero2, and one-process FSDP2 ran its QLoRA at 1/8.7 of the plain run's speed and 1.6x its
-        memory on an H100 (BENCHMARKS.md)."""
+        several processes only. In one process FSDP2 has nothing to split, and the plain run is the same training,
+        faster: XTuner's one-GPU tutorial passes --deepspeed deepspeed_zero2, and one-process FSDP2 ran its QLoRA at
+        1/8.7 of the plain run's speed and 1.6x its memory on an H100 (BENCHMARKS.md). The offload strategies do
+        something in one process (state in CPU memory); zero3 there still runs FSDP2, with a warning (set_up)."""
         return self.strategy.startswith("zero") and (self.enabled or self.offload or self.strategy.startswith("zero3"))
 
     @property
@@ -113,13 +114,14 @@ class Parallel:
     def describe(self) -> str:
         how = STRATEGIES[self.strategy] if (self.shards or self.enabled) else "one process"
         if self.strategy != "ddp" and not self.shards:
-            how = "one process: nothing to shard, trained as the plain run"
+            how = "nothing to shard in one process: trains as the plain run"
         return f"strategy {self.strategy} over {self.world_size} process{'es' if self.enabled else ''} ({how})"
 
 
 def setup(strategy: str, device: torch.device) -> Parallel:
-    """Join the process group torchrun describes (or start a one-process group for a sharded strategy run without
-    torchrun). TUNELAB_DIST_TIMEOUT (seconds, default 1800) bounds any wait on another process."""
+    """Join the process group torchrun describes (or start a one-process group for zero3 or an offload strategy
+    without torchrun; one-process zero1/zero2 train as the plain run and start none). TUNELAB_DIST_TIMEOUT
+    (seconds, default 1800) bounds any wait on another process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     par = Parallel(strategy, int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), device)
     if device.type == "cuda" and world > 1:
