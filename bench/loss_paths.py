@@ -244,10 +244,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     for path in args.paths:
-        precision, mode, *_ = path.split(":") + [""]
-        if precision not in ("bf16", "f32") or mode not in ("eager", "compiled", "inside", "ckpt", "emulated", "graphs"):
-            ap.error(f"unknown path {path}: precision bf16 or f32, then eager, compiled, inside, ckpt, emulated or "
-                     "graphs")
+        precision, mode, *scale = path.split(":") + [""]
+        if precision not in ("bf16", "f32") or mode not in ("eager", "compiled", "inside", "ckpt", "emulated", "graphs") \
+                or len(scale) > 2 or not _is_number(scale[0] or "1") or (mode == "graphs" and args.device == "cpu"):
+            ap.error(f"bad path {path}: precision bf16 or f32, then eager, compiled, inside, ckpt, emulated or graphs "
+                     "(graphs on a GPU only), then optionally a learning-rate scale")
     if args.paths[0] != args.baseline:
         ap.error(f"--baseline {args.baseline} must be the first of --paths (the later paths are measured against it)")
     if args.device == "cpu":
@@ -284,6 +285,14 @@ def main() -> None:
     if failed:  # the lines of the paths that ran are written; the run as a whole did not succeed
         sys.exit(f"failed: {', '.join(failed)}" + (f" (the baseline {args.baseline}: no distance lines)"
                                                    if args.baseline in failed else ""))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def write(out: Path | None, record: dict) -> None:

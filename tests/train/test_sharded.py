@@ -6,6 +6,7 @@ and merges; a dead rank and a missing model end every process with one clear lin
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,9 +223,10 @@ def test_the_tutorials_zero2_on_one_gpu_trains_as_the_plain_run(base):
     from tunelab.train.loop import _resume_hint
     from tunelab.train.parallel import Parallel
 
-    assert _resume_hint("cfg.py", [], work, Parallel("zero2")).endswith(f"--work-dir {work} --deepspeed zero2 --resume")
+    hint = _resume_hint("cfg.py", [], work, Parallel("zero2"))
+    assert hint.endswith(f"--work-dir {shlex.quote(str(work))} --deepspeed zero2 --resume")
+    assert "in one process has nothing to split" not in res.stderr  # zero3's warning, not zero2's
     # the offload strategies keep state in CPU memory; zero3 still runs FSDP2 in one process, with a warning
-
     assert [Parallel(s).shards for s in ("ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")] == \
         [False, False, False, True, True, True]
     assert [Parallel(s, world_size=2).shards for s in ("ddp", "zero1", "zero2", "zero3")] == [False, True, True, True]
@@ -260,11 +262,15 @@ def test_fp16_with_sharding_is_refused_before_anything_loads(base):
 
 def test_torchao_nf4_in_a_one_process_sharded_run_is_refused_with_one_line(base):
     """FSDP2's one-process shortcut cannot rebuild an NF4Tensor; "auto" keeps bitsandbytes there."""
+    from tunelab import ui
+
     tmp, cfg, _ = base
+    warned = ui.warning_counts["one_process_zero3"]
     with pytest.raises(TrainingError, match=r"^model\.nf4_format torchao with strategy zero3_offload in one "
                                             r"process: .*use model\.nf4_format auto"):
         train(load_config(cfg, ["train.strategy=zero3_offload", "model.quantization=nf4",
                                 "model.nf4_format=torchao"]), "tiny", work_dir=tmp / "nf4_one")
+    assert ui.warning_counts["one_process_zero3"] == warned  # offloading does something in one process: no warning
 
 
 def test_a_sharded_qlora_run_counts_the_flops_of_the_real_weights(base, tiny_model_dir):
@@ -337,6 +343,13 @@ def test_a_sharded_optimizer_state_in_several_files_resumes_and_a_lost_file_is_o
     again = train(load_config(cfg, over), "tiny", work_dir=tmp / "dcp1_resumed", resume=True)
     assert_same_losses(runs_of(again.work_dir), runs_of(first.work_dir)[2:])
 
+    # zero1 and zero2 shard nothing in one process: the refusal says what resumes it
+    with pytest.raises(CheckpointError, match=r"in 1 shard \(saved by 1 process with torch\.distributed\.checkpoint\): "
+                                              r"resume it with 1 process and zero3, zero2_offload or zero3_offload "
+                                              r"\(this run: 1 process, zero2; zero1 and zero2 shard nothing in one "
+                                              r"process\)$"):
+        train(load_config(cfg, ["train.strategy=zero2", *FULL]), "tiny", work_dir=tmp / "dcp1_zero2",
+              resume=str(first.work_dir / "iter_2"))
     files[1].unlink()
     with pytest.raises(CheckpointError, match=r"optimizer: the optimizer shards cannot be read \(.+\)$"):
         train(load_config(cfg, over), "tiny", work_dir=first.work_dir, resume=str(first.work_dir / "iter_2"))

@@ -8,11 +8,11 @@ tensors, gloo for CPU ones) and trains on its share of every optimizer step's ro
 - ddp: DistributedDataParallel around the loss module; every process holds the whole model and optimizer state.
 - zero1/zero2: FSDP2 (`fully_shard`) with reshard_after_forward=False: the parameters are gathered at a step's first
   forward and kept until its last backward; gradients are reduced once per step; optimizer state is sharded. In
-  one process (no torchrun) there is nothing to split: they train as the plain run.
+  one process there is nothing to split: they train as the plain run.
 - zero3: FSDP2 gathers each decoder layer just before it runs and frees it after; gradients are reduce-scattered
   every micro-batch, so no process ever holds a full set of them.
 - *_offload: as above with CPUOffloadPolicy: sharded parameters, gradients and optimizer state live in CPU memory
-  and AdamW steps there.
+  and AdamW steps there; they run FSDP2 in one process too.
 
 Sharding wraps each decoder layer, then the loss module as the root. The embeddings, final norm and output head
 belong to the root, whose forward *is* the loss computation (train/loss.py), so they are gathered whenever the
@@ -66,7 +66,7 @@ class Parallel:
 
     @property
     def shards(self) -> bool:
-        """FSDP2 shards the model: under zero3 and the offload strategies always, under zero1 and zero2 across
+        """FSDP2 wraps the model: under zero3 and the offload strategies always, under zero1 and zero2 across
         several processes only. In one process FSDP2 has nothing to split, and the plain run is the same training,
         faster: XTuner's one-GPU tutorial passes --deepspeed deepspeed_zero2, and one-process FSDP2 ran its QLoRA at
         1/8.7 of the plain run's speed and 1.6x its memory on an H100 (BENCHMARKS.md). The offload strategies do
@@ -119,8 +119,8 @@ class Parallel:
 
 
 def setup(strategy: str, device: torch.device) -> Parallel:
-    """Join the process group torchrun describes (or start a one-process group for zero3 or an offload strategy
-    without torchrun; one-process zero1/zero2 train as the plain run and start none). TUNELAB_DIST_TIMEOUT
+    """Join the process group torchrun describes (or start a one-process group for zero3 or an offload strategy in
+    one process; one-process zero1/zero2 train as the plain run and start none). TUNELAB_DIST_TIMEOUT
     (seconds, default 1800) bounds any wait on another process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     par = Parallel(strategy, int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), device)

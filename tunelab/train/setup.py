@@ -126,8 +126,8 @@ def set_up(cfg: Config, par: Parallel, folder: Folder, resume_hint: str, resume_
                             "sharded loss scaling is not supported")
     if par.shards and not par.enabled and not par.offload:
         ui.warn("one_process_zero3", f"strategy {par.strategy} in one process has nothing to split and runs slower "
-                "than the plain run (1.8B QLoRA on an H100: 1,905 against 6,547 tokens/s, more GPU memory); drop "
-                "--deepspeed, or use zero3_offload to keep the weights and optimizer state in CPU memory")
+                "than the plain run (1.8B QLoRA on an H100: 1,905 against 6,547 tokens/s, more GPU memory); leave "
+                "out --deepspeed / train.strategy for the plain run")
     set_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.path)
     warn_if_remote(model_path, cfg.model.trust_remote_code)
@@ -258,10 +258,11 @@ def _resume(run: Run, ckpt: Path, force: bool) -> None:
             return f"{n} process{'' if n == 1 else 'es'}"
 
         how = (f"{processes(shards)} and a zero strategy" if shards > 1 else
-               "one process and zero3, zero2_offload or zero3_offload (zero1 and zero2 shard nothing in one process)")
+               "1 process and zero3, zero2_offload or zero3_offload")
+        note = "; zero1 and zero2 shard nothing in one process" if shards == 1 else ""
         raise CheckpointError(f"{ckpt} holds its optimizer state in {ui.count(shards, 'shard')} (saved by "
                               f"{processes(shards)} with torch.distributed.checkpoint): resume it with {how} "
-                              f"(this run: {processes(par.world_size)}, {par.strategy})")
+                              f"(this run: {processes(par.world_size)}, {par.strategy}{note})")
     load = par.is_main or not par.distributed
     named_state.load_weights(par, run.model, ckpt_io.read_weights(run.model, ckpt, load))
     names = {id(p): n for n, p in run.model.named_parameters()}
