@@ -215,7 +215,8 @@ def distance(moved: dict, baseline: dict, which: str) -> float:
     """How far apart training moved a path's LoRA `which` matrices and the baseline path's, next to how far it
     moved the baseline's `which` matrices."""
     apart = sum(float((moved[n] - baseline[n]).norm() ** 2) for n in baseline if which in n) ** 0.5
-    return apart / sum(float(baseline[n].norm() ** 2) for n in baseline if which in n) ** 0.5
+    moved = sum(float(baseline[n].norm() ** 2) for n in baseline if which in n) ** 0.5
+    return apart / moved if moved else None  # one step moves no A matrix: B starts at zero, so A gets no gradient
 
 
 def main() -> None:
@@ -245,8 +246,9 @@ def main() -> None:
     args = ap.parse_args()
     for path in args.paths:
         precision, mode, *scale = path.split(":") + [""]
-        if precision not in ("bf16", "f32") or mode not in ("eager", "compiled", "inside", "ckpt", "emulated", "graphs") \
-                or len(scale) > 2 or not _is_number(scale[0] or "1") or (mode == "graphs" and args.device == "cpu"):
+        modes = ("eager", "compiled", "inside", "ckpt", "emulated", "graphs")
+        if precision not in ("bf16", "f32") or mode not in modes or len(scale) > 2 \
+                or not _is_number(scale[0] or "1") or (mode == "graphs" and args.device == "cpu"):
             ap.error(f"bad path {path}: precision bf16 or f32, then eager, compiled, inside, ckpt, emulated or graphs "
                      "(graphs on a GPU only), then optionally a learning-rate scale")
     if args.paths[0] != args.baseline:
@@ -279,12 +281,16 @@ def main() -> None:
             baseline = moved.get(args.baseline)
             if baseline is not None:  # how far apart training moved this path's adapters and the baseline's
                 write(args.out, {"path": path, "baseline": args.baseline,
-                                 **{f"{which}_moved_apart_from_baseline": round(distance(moved[path], baseline,
-                                                                                         which), 4)
+                                 **{f"{which}_moved_apart_from_baseline": rounded(distance(moved[path], baseline,
+                                                                                           which))
                                     for which in ("lora_A", "lora_B")}})
     if failed:  # the lines of the paths that ran are written; the run as a whole did not succeed
         sys.exit(f"failed: {', '.join(failed)}" + (f" (the baseline {args.baseline}: no distance lines)"
                                                    if args.baseline in failed else ""))
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _is_number(text: str) -> bool:

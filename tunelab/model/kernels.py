@@ -194,9 +194,9 @@ def choose_cudagraphs(settings: Any, model: Any, device: torch.device, tokens: i
     graphs can take, decoder layers to compile, and the activations the compiled layers keep (QLoRA checkpoints inside
     them: each layer's input plus one layer's recompute, checkpointed_bytes; LoRA, or gradient_checkpointing:
     false, all) well inside free memory. Several processes under DDP take them too (tutorial QLoRA on 2 GPUs:
-    6.7x the plain compiled layers' tokens/s, losses within 1.1e-4 relative; BENCHMARKS.md); runs whose weights FSDP2 shards keep
-    plain compiled layers, as do full fine-tuning, DoRA, int8 and torchao's NF4 weights (none of them measured
-    with graphs)."""
+    6.7x the plain compiled layers' tokens/s, losses within 1.1e-4 relative; BENCHMARKS.md); runs whose weights
+    FSDP2 shards keep plain compiled layers, as do full fine-tuning, DoRA, int8 and torchao's NF4 weights (none
+    of them measured with graphs)."""
     if settings.compile == "cudagraphs":
         return True
     if settings.compile != "auto" or device.type != "cuda" or sharded:
